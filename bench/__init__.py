@@ -1,0 +1,1 @@
+"""Benchmarks, installed as cacheaug_engine.bench; results/ holds committed JSON."""

@@ -1,0 +1,137 @@
+"""Backend availability and selection (DESIGN.md section 4).
+
+Selection order: explicit ``backend=`` argument > ``CACHEAUG_BACKEND`` environment
+variable > the best available backend for the tensors' device. A backend that is named
+but cannot run raises :class:`BackendUnavailableError` saying why; nothing falls back
+silently. Nothing here touches CUDA at import time.
+
+``CACHEAUG_BACKEND`` is either one name for every op (``triton``) or per-op entries
+(``segment_attention=flex,decode_attention=cuda``).
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+from functools import lru_cache
+
+import torch
+
+BACKEND_NAMES = ("torch", "flex", "triton", "cuda")
+
+# Which backends implement which op, in order of preference on a CUDA device.
+OP_BACKENDS: dict[str, tuple[str, ...]] = {
+    "segment_attention": ("triton", "flex", "torch"),
+    "decode_attention": ("cuda", "triton", "torch"),
+    "cascade_decode": ("cuda", "triton", "torch"),
+    "merge_states": ("cuda", "triton", "torch"),
+}
+
+
+class BackendUnavailableError(RuntimeError):
+    """A backend was asked for (argument or CACHEAUG_BACKEND) but cannot run here."""
+
+
+@lru_cache(maxsize=None)
+def _import_reason(module: str) -> str | None:
+    """None when ``module`` imports, else a one-line reason."""
+    try:
+        importlib.import_module(module)
+    except Exception as exc:  # noqa: BLE001 - any import failure is a reason to report
+        return f"{module} failed to import: {type(exc).__name__}: {exc}"
+    return None
+
+
+def _triton_interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def backend_reason(name: str, device: torch.device | None = None) -> str | None:
+    """Why backend ``name`` cannot run on ``device`` (None means it can).
+
+    With ``device=None`` the question is whether the backend can run anywhere on this
+    machine (used by :func:`backends`).
+    """
+    if name not in BACKEND_NAMES:
+        return f"unknown backend {name!r}; expected one of {', '.join(BACKEND_NAMES)}"
+    dev_type = None if device is None else torch.device(device).type
+    if name == "torch":
+        return None
+    if name == "flex":
+        return _import_reason("torch.nn.attention.flex_attention")
+    if name == "triton":
+        if importlib.util.find_spec("triton") is None:
+            return "Triton is not installed (pip install triton)"
+        if dev_type == "cpu" or (dev_type is None and not torch.cuda.is_available()):
+            if not _triton_interpret():
+                return "Triton needs a CUDA GPU, or TRITON_INTERPRET=1 to run its kernels on the CPU"
+            return None
+        if dev_type is not None and dev_type != "cuda":
+            return f"Triton kernels run on CUDA tensors (or CPU under TRITON_INTERPRET=1), got {dev_type}"
+        return None
+    # cuda
+    reason = _import_reason("cacheaug_engine._C")
+    if reason is not None:
+        return (
+            "the CUDA extension cacheaug_engine._C is not built (install with nvcc present, "
+            f"or CACHEAUG_BUILD_CUDA=1): {reason}"
+        )
+    if dev_type not in (None, "cuda"):
+        return f"the cuda backend runs on CUDA tensors, got {dev_type} tensors"
+    if not torch.cuda.is_available():
+        return "no CUDA device is available (torch.cuda.is_available() is False)"
+    return None
+
+
+def backends() -> dict[str, dict[str, object]]:
+    """Each backend's availability on this machine, its reason if not, and its ops."""
+    report: dict[str, dict[str, object]] = {}
+    for name in BACKEND_NAMES:
+        reason = backend_reason(name)
+        report[name] = {
+            "available": reason is None,
+            "reason": reason or "ok",
+            "ops": [op for op, names in OP_BACKENDS.items() if name in names],
+        }
+    return report
+
+
+def _env_choice(op: str) -> str | None:
+    raw = os.environ.get("CACHEAUG_BACKEND", "").strip()
+    if not raw:
+        return None
+    if "=" not in raw:
+        return raw
+    for entry in raw.split(","):
+        key, _, value = entry.partition("=")
+        if key.strip() == op:
+            return value.strip()
+    return None
+
+
+def resolve_backend(op: str, requested: str | None, device: torch.device) -> str:
+    """The backend that will run ``op`` on ``device``; raises if a named one cannot."""
+    supported = OP_BACKENDS[op]
+    source = "backend="
+    name = requested
+    if name is None:
+        name = _env_choice(op)
+        source = "CACHEAUG_BACKEND="
+    if name is not None:
+        if name not in BACKEND_NAMES:
+            raise ValueError(f"{source}{name!r} for {op}: expected one of {', '.join(BACKEND_NAMES)}")
+        if name not in supported:
+            raise BackendUnavailableError(
+                f"{source}{name!r}: {op} has no {name} backend (it has: {', '.join(supported)})"
+            )
+        reason = backend_reason(name, device)
+        if reason is not None:
+            raise BackendUnavailableError(f"{source}{name!r} for {op} is unavailable: {reason}")
+        return name
+    if device.type != "cuda":
+        return "torch"
+    for candidate in supported:
+        if backend_reason(candidate, device) is None:
+            return candidate
+    return "torch"

@@ -1,0 +1,141 @@
+"""The `torch` backend: vectorised PyTorch for the CPU (and any device).
+
+Unlike reference.py (one block at a time, for clarity), these batch all blocks and
+requests and skip the invisible work that matters most: blocks never score each other's
+keys (block-local [S, S] scores instead of [N*S, N*S]), prefix keys past max(p_k) are
+never read, and the shared cascade prefix is never expanded per request. Gradients
+come from autograd (prefix gradients too, if a caller asks for them).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from ..reference import lse_dtype
+
+
+def _softcap(scores: Tensor, softcap: float | None) -> Tensor:
+    return scores if softcap is None else softcap * torch.tanh(scores / softcap)
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _softmax_rows(scores: Tensor, visible: Tensor) -> tuple[Tensor, Tensor]:
+    """Masked softmax along the last dim; rows with nothing visible give p = 0, lse = -inf."""
+    scores = scores.masked_fill(~visible, float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1, keepdim=True)
+    safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
+    probs = torch.exp(scores - safe).masked_fill(~visible, 0.0)
+    return probs, lse.squeeze(-1)
+
+
+def segment_attention(
+    q: Tensor, k: Tensor, v: Tensor, k_prefix: Tensor, v_prefix: Tensor, prefix_lens: Tensor,
+    *, block_len: int, causal: bool = True, softcap: float | None = None, window: int | None = None,
+    scale: float | None = None, return_lse: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    b, hq, ns, dh = q.shape
+    hkv = k.shape[1]
+    g, s = hq // hkv, block_len
+    n = ns // s
+    ct = _compute_dtype(q.dtype)
+    scale = 1.0 / math.sqrt(dh) if scale is None else scale
+    t_used = int(prefix_lens.max()) if prefix_lens.numel() and not torch.compiler.is_compiling() else k_prefix.shape[2]
+
+    qg = q.reshape(b, hkv, g, n, s, dh).to(ct)
+    kl = k.reshape(b, hkv, n, s, dh).to(ct)
+    vl = v.reshape(b, hkv, n, s, dh).to(ct)
+    kp = k_prefix[:, :, :t_used].to(ct)
+    vp = v_prefix[:, :, :t_used].to(ct)
+
+    rows = torch.arange(s, device=q.device)
+    starts = prefix_lens.to(q.device).long().view(b, 1, 1, n, 1, 1)
+    row_pos = starts + rows.view(1, 1, 1, 1, s, 1)  # absolute position of each query row
+    key_pos = torch.arange(t_used, device=q.device).view(1, 1, 1, 1, 1, t_used)
+    vis_prefix = key_pos < starts
+    local_row = rows.view(s, 1)
+    local_key = rows.view(1, s)
+    vis_local = torch.ones(s, s, dtype=torch.bool, device=q.device)
+    if causal:
+        vis_local = local_key <= local_row
+    if window is not None:
+        vis_prefix = vis_prefix & (key_pos > row_pos - window)
+        vis_local = vis_local & (local_key > local_row - window)
+
+    s_prefix = _softcap(torch.einsum("bhgnsd,bhtd->bhgnst", qg, kp) * scale, softcap)
+    s_local = _softcap(torch.einsum("bhgnsd,bhnjd->bhgnsj", qg, kl) * scale, softcap)
+    scores = torch.cat([s_prefix, s_local], dim=-1)
+    visible = torch.cat(
+        [vis_prefix.expand(b, 1, 1, n, s, t_used), vis_local.view(1, 1, 1, 1, s, s).expand(b, 1, 1, n, s, s)],
+        dim=-1,
+    )
+    probs, lse = _softmax_rows(scores, visible)
+    out = torch.einsum("bhgnst,bhtd->bhgnsd", probs[..., :t_used], vp)
+    out = out + torch.einsum("bhgnsj,bhnjd->bhgnsd", probs[..., t_used:], vl)
+    out = out.reshape(b, hq, ns, dh).to(q.dtype)
+    if return_lse:
+        return out, lse.reshape(b, hq, ns).to(lse_dtype(q.dtype))
+    return out
+
+
+def _decode_scores(q: Tensor, k: Tensor, scale: float, softcap: float | None, shared: bool) -> Tensor:
+    """q [B, Hkv, G, Dh] against k [B, Hkv, L, Dh] (or [Hkv, L, Dh] when shared) -> [B, Hkv, G, L]."""
+    eq = "bhgd,hld->bhgl" if shared else "bhgd,bhld->bhgl"
+    return _softcap(torch.einsum(eq, q, k.to(q.dtype)) * scale, softcap)
+
+
+def decode_attention(
+    q: Tensor, k: Tensor, v: Tensor, lens: Tensor, *, softcap: float | None = None,
+    window: int | None = None, scale: float | None = None, return_lse: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    b, hq, dh = q.shape
+    hkv, tmax = k.shape[1], k.shape[2]
+    ct = _compute_dtype(q.dtype)
+    scale = 1.0 / math.sqrt(dh) if scale is None else scale
+    qg = q.reshape(b, hkv, hq // hkv, dh).to(ct)
+    pos = torch.arange(tmax, device=q.device).view(1, 1, 1, tmax)
+    n = lens.to(q.device).long().view(b, 1, 1, 1)
+    visible = pos < n
+    if window is not None:
+        visible = visible & (pos > n - 1 - window)
+    probs, lse = _softmax_rows(_decode_scores(qg, k, scale, softcap, shared=False), visible)
+    out = torch.einsum("bhgl,bhld->bhgd", probs, v.to(ct)).reshape(b, hq, dh).to(q.dtype)
+    lse = lse.reshape(b, hq).to(lse_dtype(q.dtype))
+    return (out, lse) if return_lse else out
+
+
+def cascade_decode(
+    q: Tensor, k_shared: Tensor, v_shared: Tensor, k_suffix: Tensor, v_suffix: Tensor,
+    suffix_lens: Tensor, *, softcap: float | None = None, window: int | None = None,
+    scale: float | None = None, return_lse: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    b, hq, dh = q.shape
+    hkv, t = k_shared.shape[0], k_shared.shape[1]
+    length = k_suffix.shape[2]
+    ct = _compute_dtype(q.dtype)
+    scale = 1.0 / math.sqrt(dh) if scale is None else scale
+    qg = q.reshape(b, hkv, hq // hkv, dh).to(ct)
+    n = suffix_lens.to(q.device).long().view(b, 1, 1, 1)
+    q_pos = t + n - 1
+    pos = torch.arange(t + length, device=q.device).view(1, 1, 1, t + length)
+    visible = (pos < t) | (pos - t < n)
+    if window is not None:
+        visible = visible & (pos > q_pos - window)
+    scores = torch.cat(
+        [
+            _decode_scores(qg, k_shared, scale, softcap, shared=True),
+            _decode_scores(qg, k_suffix, scale, softcap, shared=False),
+        ],
+        dim=-1,
+    )
+    probs, lse = _softmax_rows(scores, visible)
+    out = torch.einsum("bhgl,hld->bhgd", probs[..., :t], v_shared.to(ct))
+    out = out + torch.einsum("bhgl,bhld->bhgd", probs[..., t:], v_suffix.to(ct))
+    out = out.reshape(b, hq, dh).to(q.dtype)
+    lse = lse.reshape(b, hq).to(lse_dtype(q.dtype))
+    return (out, lse) if return_lse else out
