@@ -111,3 +111,10 @@ def test_flex_backend_forward_matches_reference(window, softcap, causal):
     o, lse = ops.segment_attention(q, k, v, kp, vp, lens, backend="flex", **kw)
     torch.testing.assert_close(o, o_ref, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(lse, lse_ref, rtol=1e-4, atol=1e-4)
+
+
+def test_flex_backend_on_cpu_refuses_training_before_running():
+    q, k, v, kp, vp, lens = _seg()
+    q.requires_grad_()
+    with pytest.raises(BackendUnavailableError, match="forward-only"):
+        ops.segment_attention(q, k, v, kp, vp, lens, block_len=5, backend="flex")

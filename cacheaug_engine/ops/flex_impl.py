@@ -9,11 +9,13 @@ CPU it runs eagerly (forward only: FlexAttention has no CPU backward).
 from __future__ import annotations
 
 import math
+import warnings
 from functools import lru_cache
 
 import torch
 from torch import Tensor
 
+from ..backends import BackendUnavailableError
 from ..reference import lse_dtype
 
 
@@ -23,7 +25,14 @@ def _flex_fn(device_type: str):
 
     if device_type == "cuda":
         return torch.compile(flex_attention, dynamic=False)
-    return flex_attention
+
+    def eager(*args, **kwargs):
+        # Eager flex warns that it materialises scores; on the CPU that is the intended path.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
+            return flex_attention(*args, **kwargs)
+
+    return eager
 
 
 def segment_mask_mod(prefix_lens: Tensor, t: int, block_len: int, causal: bool, window: int | None):
@@ -61,6 +70,11 @@ def segment_attention(
     scale: float | None = None, return_lse: bool = False, block_mask=None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     t, ns, dh = k_prefix.shape[2], q.shape[2], q.shape[3]
+    if q.device.type != "cuda" and torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)):
+        raise BackendUnavailableError(
+            "backend='flex' on the CPU is forward-only (FlexAttention has no CPU backward); "
+            "use backend='torch' for training on the CPU"
+        )
     if block_mask is None:
         block_mask = build_block_mask(prefix_lens, t, ns, block_len, causal, window)
     score_mod = None
