@@ -1,0 +1,400 @@
+"""Fused Triton segment attention (DESIGN.md section 2): forward kernel, launchers, op.
+
+Layout: q [B, Hq, N*S, Dh]; k, v [B, Hkv, N*S, Dh] (the blocks' own keys); k_prefix,
+v_prefix [B, Hkv, T, Dh] (the frozen cache); prefix_lens int [B, N]. Row i of block k
+sits at absolute position p_k + i and sees prefix keys j < p_k plus its own block's keys
+(i' <= i when causal), optionally only keys at positions > p_k + i - window.
+
+Tiling ("packed rows"). One program owns BLOCK_M *packed rows* of one (batch, KV head):
+packed row r = n * G + g, with n the global query row in [0, N*S) and g the query head
+within the GQA group (G = Hq // Hkv). So
+  * all G query heads that share a KV head are processed together: every K/V tile is
+    loaded once for G heads (no K/V copy, G-fold less K/V traffic);
+  * a tile covers a contiguous range of query rows n, so it may span the end of one block
+    and the start of the next: small S never leaves tensor-core rows idle (S = 31, G = 4
+    fills 124 of 128 rows; S = 1 packs 128 / G blocks per tile).
+Per tile the program walks two key ranges, each only where some row of the tile sees a key:
+  * prefix keys [lo, max_rows(p)) with lo = 0, or the window start min_rows(p + i - window + 1);
+  * block keys from the first row's block start (or its window start) up to the last
+    row's causal diagonal (or the end of its block when causal=False).
+Masks are applied per element inside those ranges; the concatenated [T + N*S] keys and
+dense masks never exist. Cost is ~ sum_k G*S*(p_k + S) per KV head, plus at most one
+partial tile per range (and, when a tile spans two blocks, the gap p_{k+1} - p_k).
+
+Numerics: online softmax in base 2 with fp32 accumulators; lse is returned as natural
+log in fp32 [B, Hq, N*S]. Softcap c*tanh(s/c) is applied before masking. fp32 inputs use
+IEEE fp32 dots unless torch.backends.cuda.matmul.allow_tf32 is set. Under
+TRITON_INTERPRET=1, bf16 tiles are cast to fp32 before tl.dot (DESIGN.md section 7).
+
+The backward kernels live in segment_attention_bwd.py, tile configs in
+segment_attention_configs.py. The public entry point is `segment_attention` below, a thin
+wrapper over the torch.library custom ops `cacheaug::segment_attention_fwd` / `_bwd`.
+"""
+
+import math
+
+import torch
+from torch import Tensor
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError as exc:  # pragma: no cover - backends.py reports this before dispatch
+    raise ImportError("cacheaug_engine.triton_kernels.segment_attention needs triton (pip install triton)") from exc
+
+from . import segment_attention_configs as cfgs
+
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+MAX_HEAD_DIM = 256
+
+
+# ----------------------------------------------------------------------------- jit helpers
+
+
+@triton.jit
+def _tanh(x):
+    # tanh through exp2: exact enough in fp32 and available on every backend (interpreter too).
+    e = tl.exp2(x * 2.8853900817779268)  # exp(2x)
+    return 1.0 - 2.0 / (e + 1.0)
+
+
+@triton.jit
+def _row_tile(r_start, r_stop, PL, b, N, NS, S, GROUP: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Packed rows r in [r_start, r_start + BLOCK_M): query row n, head-in-group g, block, i, p."""
+    offs_r = r_start + tl.arange(0, BLOCK_M)
+    row_ok = offs_r < r_stop
+    n = tl.where(row_ok, offs_r // GROUP, 0)
+    g = offs_r % GROUP
+    blk = n // S
+    i = n - blk * S
+    p = tl.load(PL + b * N + blk, mask=row_ok, other=0)
+    return row_ok, n, g, blk, i, p
+
+
+@triton.jit
+def _row_key_ranges(row_ok, n, blk, p, i, NS, S, window,
+                    CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Key ranges a row tile must visit: prefix [p_lo, p_hi), block keys [l_lo, l_hi)."""
+    big = 2147483647
+    p_hi = tl.max(tl.where(row_ok, p, 0), axis=0)
+    n_first = tl.min(tl.where(row_ok, n, big), axis=0)
+    n_last = tl.max(tl.where(row_ok, n, 0), axis=0)
+    blk_first = n_first // S
+    blk_last = n_last // S
+    l_lo = blk_first * S
+    if CAUSAL:
+        l_hi = n_last + 1
+    else:
+        l_hi = tl.minimum((blk_last + 1) * S, NS)
+    if HAS_WINDOW:
+        p_lo = tl.min(tl.where(row_ok, p + i - window + 1, big), axis=0)
+        p_lo = tl.maximum(p_lo, 0)
+        p_lo = (p_lo // BLOCK_N) * BLOCK_N
+        l_lo = tl.maximum(l_lo, n_first - window + 1)
+    else:
+        p_lo = p_hi * 0
+    return p_lo, p_hi, l_lo, l_hi
+
+
+@triton.jit
+def _scores(q, kT, qk_scale, softcap, HAS_SOFTCAP: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """Scaled (and soft-capped) scores in base 2, plus tanh for the softcap derivative."""
+    s = tl.dot(q, kT, input_precision=INPUT_PRECISION) * qk_scale
+    if HAS_SOFTCAP:
+        t = _tanh(s / softcap)
+        s = softcap * t
+    else:
+        t = s
+    return s * 1.4426950408889634, t
+
+
+@triton.jit
+def _prefix_visible(offs_j, p, i, window, HAS_WINDOW: tl.constexpr):
+    vis = offs_j[None, :] < p[:, None]
+    if HAS_WINDOW:
+        vis = vis & (offs_j[None, :] > (p + i)[:, None] - window)
+    return vis
+
+
+@triton.jit
+def _local_visible(offs_m, NS, S, blk, i, window, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr):
+    kb = offs_m // S
+    ki = offs_m - kb * S
+    vis = (kb[None, :] == blk[:, None]) & (offs_m[None, :] < NS)
+    if CAUSAL:
+        vis = vis & (ki[None, :] <= i[:, None])
+    if HAS_WINDOW:
+        vis = vis & (ki[None, :] > i[:, None] - window)
+    return vis
+
+
+@triton.jit
+def _online_step(acc, m_i, l_i, q, kT, v, vis, qk_scale, softcap,
+                 HAS_SOFTCAP: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    s, _ = _scores(q, kT, qk_scale, softcap, HAS_SOFTCAP, INPUT_PRECISION)
+    s = tl.where(vis, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    alpha = tl.exp2(m_i - m_new)
+    pr = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(pr, axis=1)
+    acc = acc * alpha[:, None] + tl.dot(pr.to(v.dtype), v, input_precision=INPUT_PRECISION)
+    return acc, m_new, l_i
+
+
+# ----------------------------------------------------------------------------- forward kernel
+
+
+@triton.jit
+def _fwd_kernel(
+    Q, K, V, KP, VP, PL, O, LSE,
+    sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
+    spkb, spkh, spkn, spkd, spvb, spvh, spvn, spvd, sob, soh, son, sod,
+    NS, T, N, S, HKV, qk_scale, softcap, window, NS_BUCKET, T_BUCKET,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_WINDOW: tl.constexpr,
+    DOT_F32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    # Heaviest tiles (latest blocks, longest prefixes when p_k ascends) start first.
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
+    pid_bh = tl.program_id(1).to(tl.int64)
+    b = pid_bh // HKV
+    kvh = pid_bh % HKV
+    row_ok, n, g, blk, i, p = _row_tile(pid_m * BLOCK_M, NS * GROUP, PL, b, N, NS, S, GROUP, BLOCK_M)
+    h = kvh * GROUP + g
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    q = tl.load(Q + b * sqb + h[:, None] * sqh + n[:, None] * sqn + offs_d[None, :] * sqd,
+                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    if DOT_F32:
+        q = q.to(tl.float32)
+    m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    p_lo, p_hi, l_lo, l_hi = _row_key_ranges(row_ok, n, blk, p, i, NS, S, window, CAUSAL, HAS_WINDOW, BLOCK_N)
+
+    kp_base = KP + b * spkb + kvh * spkh
+    vp_base = VP + b * spvb + kvh * spvh
+    for start in range(p_lo, p_hi, BLOCK_N):
+        offs_j = start + tl.arange(0, BLOCK_N)
+        j_ok = offs_j < p_hi
+        kT = tl.load(kp_base + offs_j[None, :] * spkn + offs_d[:, None] * spkd,
+                     mask=j_ok[None, :] & d_ok[:, None], other=0.0)
+        v = tl.load(vp_base + offs_j[:, None] * spvn + offs_d[None, :] * spvd,
+                    mask=j_ok[:, None] & d_ok[None, :], other=0.0)
+        if DOT_F32:
+            kT = kT.to(tl.float32)
+            v = v.to(tl.float32)
+        vis = _prefix_visible(offs_j, p, i, window, HAS_WINDOW)
+        acc, m_i, l_i = _online_step(acc, m_i, l_i, q, kT, v, vis, qk_scale, softcap, HAS_SOFTCAP, INPUT_PRECISION)
+
+    k_base = K + b * skb + kvh * skh
+    v_base = V + b * svb + kvh * svh
+    for start in range(l_lo, l_hi, BLOCK_N):
+        offs_m = start + tl.arange(0, BLOCK_N)
+        m_ok = offs_m < l_hi
+        kT = tl.load(k_base + offs_m[None, :] * skn + offs_d[:, None] * skd,
+                     mask=m_ok[None, :] & d_ok[:, None], other=0.0)
+        v = tl.load(v_base + offs_m[:, None] * svn + offs_d[None, :] * svd,
+                    mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+        if DOT_F32:
+            kT = kT.to(tl.float32)
+            v = v.to(tl.float32)
+        vis = _local_visible(offs_m, NS, S, blk, i, window, CAUSAL, HAS_WINDOW)
+        acc, m_i, l_i = _online_step(acc, m_i, l_i, q, kT, v, vis, qk_scale, softcap, HAS_SOFTCAP, INPUT_PRECISION)
+
+    l_safe = tl.where(l_i > 0.0, l_i, 1.0)
+    o = acc / l_safe[:, None]
+    lse = (m_i + tl.log2(l_safe)) * 0.6931471805599453
+    tl.store(O + b * sob + h[:, None] * soh + n[:, None] * son + offs_d[None, :] * sod,
+             o.to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+    tl.store(LSE + (b * (HKV * GROUP) + h) * NS + n, lse, mask=row_ok)
+
+
+_AUTOTUNE_KEY = ["NS_BUCKET", "T_BUCKET", "S", "GROUP", "BLOCK_D", "CAUSAL", "HAS_SOFTCAP", "HAS_WINDOW"]
+_fwd_tuned = triton.autotune(
+    configs=cfgs.candidates("fwd"), key=_AUTOTUNE_KEY,
+    prune_configs_by={"early_config_prune": cfgs.make_pruner("fwd")},
+)(_fwd_kernel)
+
+
+# ----------------------------------------------------------------------------- launch helpers
+
+
+def _bucket(x: int) -> int:
+    return triton.next_power_of_2(max(int(x), 1))
+
+
+def _input_precision(dtype: torch.dtype) -> str:
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
+
+
+def _dot_f32(dtype: torch.dtype) -> bool:
+    # bf16 tl.dot is wrong in the interpreter (DESIGN.md section 7): compute it in fp32 there.
+    return cfgs.interpreting() and dtype == torch.bfloat16
+
+
+def _strides(x: Tensor) -> tuple[int, ...]:
+    return tuple(x.stride())
+
+
+def common_meta(q: Tensor, k_prefix: Tensor, block_len: int, causal: bool, softcap, window, scale: float):
+    """Scalar args and constexprs shared by the forward and backward launches."""
+    b, hq, ns, dh = q.shape
+    hkv, t = k_prefix.shape[1], k_prefix.shape[2]
+    scalars = dict(
+        NS=ns, T=t, N=ns // block_len, S=block_len, HKV=hkv, qk_scale=float(scale),
+        softcap=float(softcap) if softcap is not None else 1.0,
+        window=int(window) if window is not None else 0,
+        NS_BUCKET=_bucket(ns), T_BUCKET=_bucket(t),
+    )
+    consts = dict(
+        GROUP=hq // hkv, HEAD_DIM=dh, BLOCK_D=cfgs.block_d(dh), CAUSAL=bool(causal),
+        HAS_SOFTCAP=softcap is not None, HAS_WINDOW=window is not None,
+        DOT_F32=_dot_f32(q.dtype), INPUT_PRECISION=_input_precision(q.dtype),
+    )
+    return scalars, consts
+
+
+def launch(kernel, tuned, name: str, grid_rows: int, grid_bh: int, args: tuple, scalars: dict, consts: dict,
+           dtype: torch.dtype, head_dim: int, device: torch.device) -> None:
+    """Launch `kernel` with the fixed config, or its autotuned twin `tuned`."""
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if cfgs.autotune_enabled():
+        grid = lambda meta: (triton.cdiv(grid_rows, meta["BLOCK_M" if name != "dkdv" else "BLOCK_N"]), grid_bh)
+        tuned[grid](*args, **scalars, **consts)
+        return
+    bm, bn, warps, stages = cfgs.fixed_config(name, head_dim, dtype)
+    rows_per_prog = bm if name != "dkdv" else bn
+    grid = (triton.cdiv(grid_rows, rows_per_prog), grid_bh)
+    kernel[grid](*args, **scalars, **consts, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
+
+
+def forward(q: Tensor, k: Tensor, v: Tensor, k_prefix: Tensor, v_prefix: Tensor, prefix_lens: Tensor,
+            block_len: int, causal: bool, softcap, window, scale: float) -> tuple[Tensor, Tensor]:
+    """Launch the forward kernel: returns (o like q, lse fp32 [B, Hq, N*S])."""
+    b, hq, ns, dh = q.shape
+    hkv = k.shape[1]
+    o = torch.empty_like(q, memory_format=torch.contiguous_format)
+    lse = torch.empty((b, hq, ns), device=q.device, dtype=torch.float32)
+    if o.numel() == 0:
+        return o, lse
+    scalars, consts = common_meta(q, k_prefix, block_len, causal, softcap, window, scale)
+    args = (
+        q, k, v, k_prefix, v_prefix, prefix_lens, o, lse,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(k_prefix), *_strides(v_prefix), *_strides(o),
+    )
+    launch(_fwd_kernel, _fwd_tuned, "fwd", ns * (hq // hkv), b * hkv, args, scalars, consts, q.dtype, dh, q.device)
+    return o, lse
+
+
+# ----------------------------------------------------------------------------- custom ops
+
+
+@torch.library.custom_op("cacheaug::segment_attention_fwd", mutates_args=())
+def segment_attention_fwd(
+    q: Tensor, k: Tensor, v: Tensor, k_prefix: Tensor, v_prefix: Tensor, prefix_lens: Tensor,
+    block_len: int, causal: bool, softcap: float | None, window: int | None, scale: float,
+) -> tuple[Tensor, Tensor]:
+    """Fused forward: (o, lse). prefix_lens must be int32 and contiguous."""
+    return forward(q, k, v, k_prefix, v_prefix, prefix_lens, block_len, causal, softcap, window, scale)
+
+
+@segment_attention_fwd.register_fake
+def _(q, k, v, k_prefix, v_prefix, prefix_lens, block_len, causal, softcap, window, scale):
+    b, hq, ns, _ = q.shape
+    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty((b, hq, ns), dtype=torch.float32)
+
+
+@torch.library.custom_op("cacheaug::segment_attention_bwd", mutates_args=())
+def segment_attention_bwd(
+    do: Tensor, dlse: Tensor, q: Tensor, k: Tensor, v: Tensor, k_prefix: Tensor, v_prefix: Tensor,
+    prefix_lens: Tensor, o: Tensor, lse: Tensor, block_len: int, causal: bool, softcap: float | None,
+    window: int | None, scale: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Fused backward: (dq, dk, dv) for the blocks; the prefix gets no gradient."""
+    from .segment_attention_bwd import backward
+
+    return backward(do, dlse, q, k, v, k_prefix, v_prefix, prefix_lens, o, lse,
+                    block_len, causal, softcap, window, scale)
+
+
+@segment_attention_bwd.register_fake
+def _(do, dlse, q, k, v, k_prefix, v_prefix, prefix_lens, o, lse, block_len, causal, softcap, window, scale):
+    return (torch.empty_like(q, memory_format=torch.contiguous_format),
+            torch.empty_like(k, memory_format=torch.contiguous_format),
+            torch.empty_like(v, memory_format=torch.contiguous_format))
+
+
+_PREFIX_GRAD_MSG = (
+    "{names}: the fused segment attention computes no gradient for the prefix (the frozen "
+    "cache); detach k_prefix/v_prefix, or use backend='torch' to differentiate through them"
+)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, k_prefix, v_prefix, prefix_lens, block_len, causal, softcap, window, scale = inputs
+    o, lse = output
+    ctx.save_for_backward(q, k, v, k_prefix, v_prefix, prefix_lens, o, lse)
+    ctx.meta = (block_len, causal, softcap, window, scale)
+
+
+def _backward(ctx, do, dlse):
+    needs = [name for name, flag in (("k_prefix", ctx.needs_input_grad[3]), ("v_prefix", ctx.needs_input_grad[4]))
+             if flag]
+    if needs:
+        raise RuntimeError(_PREFIX_GRAD_MSG.format(names=" and ".join(needs)))
+    q, k, v, k_prefix, v_prefix, prefix_lens, o, lse = ctx.saved_tensors
+    dq, dk, dv = segment_attention_bwd(do, dlse, q, k, v, k_prefix, v_prefix, prefix_lens, o, lse, *ctx.meta)
+    return dq, dk, dv, None, None, None, None, None, None, None, None
+
+
+segment_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------- public entry
+
+
+def check_supported(q: Tensor, k_prefix: Tensor, v_prefix: Tensor) -> None:
+    """What the Triton kernels support beyond ops.validate; raises before any launch."""
+    if q.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"q: the triton backend supports float32, float16 and bfloat16, got {q.dtype} "
+                         "(use backend='torch' for float64)")
+    dh = q.shape[-1]
+    if not 1 <= dh <= MAX_HEAD_DIM:
+        raise ValueError(f"q: head dim (dim 3) must be in [1, {MAX_HEAD_DIM}] for the triton backend, got {dh}")
+    if q.device.type == "cpu" and not cfgs.interpreting():
+        raise ValueError("q: the triton backend needs CUDA tensors, or TRITON_INTERPRET=1 for CPU tensors")
+    if q.device.type not in ("cpu", "cuda"):
+        raise ValueError(f"q: the triton backend runs on CUDA tensors, got device {q.device}")
+    if torch.is_grad_enabled():
+        needs = [name for name, x in (("k_prefix", k_prefix), ("v_prefix", v_prefix)) if x.requires_grad]
+        if needs:
+            raise ValueError(_PREFIX_GRAD_MSG.format(names=" and ".join(needs)))
+
+
+def segment_attention(
+    q: Tensor, k: Tensor, v: Tensor, k_prefix: Tensor, v_prefix: Tensor, prefix_lens: Tensor,
+    *, block_len: int, causal: bool = True, softcap: float | None = None, window: int | None = None,
+    scale: float | None = None, return_lse: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Segment attention on the fused Triton kernels (semantics: ops.segment_attention).
+
+    Differentiable in q, k, v (and through lse); k_prefix/v_prefix must not require grad.
+    Results are deterministic: no atomics anywhere, the GQA reduction for dk/dv runs in
+    one program per key tile that loops over the group's query heads.
+    """
+    check_supported(q, k_prefix, v_prefix)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    lens = prefix_lens.to(device=q.device, dtype=torch.int32).contiguous()
+    o, lse = segment_attention_fwd(
+        q, k, v, k_prefix, v_prefix, lens, int(block_len), bool(causal),
+        None if softcap is None else float(softcap), None if window is None else int(window), scale,
+    )
+    return (o, lse) if return_lse else o
+
+
+__all__ = ["segment_attention", "segment_attention_fwd", "segment_attention_bwd", "forward", "check_supported"]

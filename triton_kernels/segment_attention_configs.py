@@ -1,0 +1,145 @@
+"""Tile configurations for the segment-attention kernels (forward, dq, dk/dv).
+
+Three regimes:
+
+* TRITON_INTERPRET=1 (CPU CI): always one small fixed config (16 x 16 tiles), so that
+  tiny test shapes still cross tile, block and prefix boundaries, and no time is spent
+  autotuning in the interpreter.
+* CACHEAUG_AUTOTUNE=0: one fixed config per (kernel, head dim, dtype) that is sane on
+  A100 and H100 (see `fixed_config`).
+* otherwise (GPU default): `triton.autotune` over the candidates below, pruned per call
+  by head dim, dtype, the device's shared memory and the problem size.
+
+Meta-parameters: BLOCK_M = packed query rows per tile (query position x GQA head, see
+segment_attention.py), BLOCK_N = keys per tile. Nothing here queries CUDA at import.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:  # triton is optional for the package; this module is only imported with it present
+    import triton
+except ImportError:  # pragma: no cover - segment_attention.py reports the missing package
+    triton = None
+
+KERNELS = ("fwd", "dq", "dkdv")
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages). Candidates chosen from the usual FA2 Triton
+# space on sm_80 / sm_90: 128-row tiles win for 16-bit Dh <= 128 once enough rows exist
+# (GQA packing makes that common), 64-row tiles for Dh 256 or fp32.
+_CANDIDATES = {
+    "fwd": [
+        (128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (128, 32, 4, 4),
+        (64, 64, 4, 3), (64, 128, 4, 3), (64, 64, 8, 4), (64, 32, 4, 4),
+        (64, 32, 4, 2), (32, 32, 4, 2),
+    ],
+    "dq": [
+        (128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3), (64, 64, 8, 2),
+        (64, 32, 4, 3), (32, 64, 4, 2), (32, 32, 4, 2),
+    ],
+    # dkdv: BLOCK_N keys are the program's own; BLOCK_M is the query-row step.
+    "dkdv": [
+        (64, 128, 8, 3), (64, 64, 4, 3), (64, 64, 8, 2), (32, 128, 8, 3),
+        (32, 64, 4, 3), (64, 32, 4, 2), (32, 32, 4, 2),
+    ],
+}
+
+_INTERPRET_CONFIG = (16, 16, 4, 1)
+_DEFAULT_SMEM = 166912  # A100 opt-in shared memory per block (bytes); H100 has 232448
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def autotune_enabled() -> bool:
+    """Autotune on the GPU unless CACHEAUG_AUTOTUNE=0; never in the interpreter."""
+    return not interpreting() and os.environ.get("CACHEAUG_AUTOTUNE", "1") != "0"
+
+
+def block_d(head_dim: int) -> int:
+    """Head dim padded to a power of two >= 16 (tl.dot needs K >= 16); 80/96 -> 128."""
+    return max(16, 1 << (head_dim - 1).bit_length())
+
+
+def fixed_config(kernel: str, head_dim: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) used when autotuning is off."""
+    if interpreting():
+        return _INTERPRET_CONFIG
+    bd = block_d(head_dim)
+    wide = dtype == torch.float32
+    if kernel == "fwd":
+        if bd >= 256:
+            return (64, 32, 8, 2) if not wide else (32, 32, 4, 2)
+        return (128, 64, 8, 3) if not wide else (64, 32, 4, 2)
+    if kernel == "dq":
+        if bd >= 256:
+            return (64, 32, 8, 2) if not wide else (32, 32, 4, 2)
+        return (64, 64, 4, 3) if not wide else (64, 32, 4, 2)
+    # dkdv: two accumulators (dk, dv) of BLOCK_N x Dh live in registers.
+    if bd >= 256:
+        return (32, 32, 4, 2) if not wide else (32, 32, 4, 1)
+    return (64, 64, 4, 3) if not wide else (32, 64, 4, 2)
+
+
+def _smem_limit(device: torch.device | None) -> int:
+    if device is None or device.type != "cuda":
+        return _DEFAULT_SMEM
+    try:
+        props = torch.cuda.get_device_properties(device)
+    except Exception:  # noqa: BLE001 - fall back to the A100 budget
+        return _DEFAULT_SMEM
+    return int(getattr(props, "shared_memory_per_block_optin", _DEFAULT_SMEM) or _DEFAULT_SMEM)
+
+
+def smem_bytes(kernel: str, bm: int, bn: int, stages: int, bd: int, elsize: int) -> int:
+    """Rough shared-memory estimate: resident row tiles + pipelined key/value tiles."""
+    if kernel == "fwd":
+        return elsize * (bm * bd + stages * 2 * bn * bd)
+    if kernel == "dq":  # q, do resident; k, v pipelined
+        return elsize * (2 * bm * bd + stages * 2 * bn * bd)
+    return elsize * (2 * bn * bd + stages * 2 * bm * bd)  # dkdv: k, v resident; q, do pipelined
+
+
+def prune(kernel: str, configs, bd: int, dtype: torch.dtype, rows: int, device: torch.device | None):
+    """Keep the candidates that fit the device and make sense for this problem."""
+    elsize = 4 if dtype == torch.float32 else 2
+    limit = _smem_limit(device) - 2048
+    out = []
+    for cfg in configs:
+        bm, bn = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]
+        stages = cfg.num_stages
+        if bd >= 256 and (bm * bn > 64 * 64 or stages > 2):
+            continue
+        if elsize == 4 and bm * bn > 64 * 64:
+            continue
+        if kernel != "dkdv" and bm > max(32, triton.next_power_of_2(max(rows, 1))):
+            continue  # more packed rows per tile than the problem has
+        if smem_bytes(kernel, bm, bn, stages, bd, elsize) > limit:
+            continue
+        out.append(cfg)
+    if not out:  # the smallest candidate always runs
+        out = [min(configs, key=lambda c: (c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"], c.num_stages))]
+    return out
+
+
+def candidates(kernel: str):
+    return [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+        for bm, bn, w, s in _CANDIDATES[kernel]
+    ]
+
+
+def make_pruner(kernel: str):
+    """early_config_prune hook: reads BLOCK_D, the dtype and sizes from the kernel's args."""
+
+    def _prune(configs, named_args, **kwargs):
+        args = {**named_args, **kwargs}
+        q = args["Q"]
+        rows = int(args["NS"]) * int(args["GROUP"])
+        return prune(kernel, configs, int(args["BLOCK_D"]), q.dtype, rows, q.device)
+
+    return _prune
