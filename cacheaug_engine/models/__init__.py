@@ -1,0 +1,7 @@
+"""Frozen decoders (Llama/SmolLM2, Qwen2, Gemma-2), their KV cache and loaders."""
+
+from .cache import KVCache
+from .config import DecoderConfig
+from .decoder import Decoder
+
+__all__ = ["Decoder", "DecoderConfig", "KVCache"]

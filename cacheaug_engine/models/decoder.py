@@ -1,0 +1,376 @@
+"""The frozen decoder: one short gpt-fast style implementation for Llama/SmolLM2, Qwen2, Gemma-2.
+
+Every attention goes through ``cacheaug_engine.ops``: whole sequences and blocks over a
+prefix cache through ``segment_attention``, one-token steps through ``decode_attention``
+(``backend=self.attn_backend``). Parameters are frozen (requires_grad False); activations
+stay differentiable, so gradients reach ``inputs_embeds`` and any parameters a wrapper
+(e.g. LoRA around the ``*_proj`` nn.Linear modules) adds.
+
+Entry points (shapes: B batch, T/S lengths, d hidden, V vocab):
+
+* ``embed(ids [B,T]) -> [B,T,d]`` embeddings as the model feeds them (Gemma: times sqrt(d)).
+* ``forward(ids [B,T]) -> [B,T,V]`` float32 logits.
+* ``prefill(ids | inputs_embeds, positions) -> (logits, KVCache[, hidden])``.
+* ``forward_blocks(embeds [B,N*S,d], positions, cache, prefix_lens [B,N], S)`` - N blocks,
+  block k attends to ``cache[:p_k]`` of every layer and causally to itself.
+* ``extend(ids | inputs_embeds, cache)`` - append S tokens to a cache (chunked prefill).
+* ``decode_step(ids [B] | inputs_embeds [B,d], cache) -> [B,V]`` - one token, cache advanced.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .. import ops
+from .cache import KVCache
+from .config import DecoderConfig
+from .rope import apply_rope, rope_cos_sin
+
+# attend(layer, q [B,Hq,S,Dh], k [B,Hkv,S,Dh], v) -> o [B,Hq,S,Dh]
+AttendFn = Callable[[int, Tensor, Tensor, Tensor], Tensor]
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm; ``offset=1`` gives Gemma's ``x * (1 + w)`` (computed in float32 like HF)."""
+
+    def __init__(self, dim: int, eps: float, offset: float = 0.0) -> None:
+        super().__init__()
+        self.eps, self.offset = eps, offset
+        self.weight = nn.Parameter(torch.zeros(dim) if offset else torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.offset:
+            return (xf * (self.offset + self.weight.float())).type_as(x)
+        return self.weight * xf.to(x.dtype)
+
+
+class Attention(nn.Module):
+    """Q/K/V/O projections; the attention itself is supplied by the caller (an ``AttendFn``)."""
+
+    def __init__(self, cfg: DecoderConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        hq, hkv, dh, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.hidden_size
+        self.q_proj = nn.Linear(d, hq * dh, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(d, hkv * dh, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(d, hkv * dh, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(hq * dh, d, bias=cfg.o_bias)
+
+    def qkv(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """x [B,S,d] -> q [B,Hq,S,Dh], k, v [B,Hkv,S,Dh] (q, k rotated; all contiguous)."""
+        b, s, _ = x.shape
+        dh = self.cfg.head_dim
+        q = self.q_proj(x).view(b, s, -1, dh).transpose(1, 2)
+        k = self.k_proj(x).view(b, s, -1, dh).transpose(1, 2)
+        v = self.v_proj(x).view(b, s, -1, dh).transpose(1, 2)
+        return apply_rope(q, cos, sin).contiguous(), apply_rope(k, cos, sin).contiguous(), v.contiguous()
+
+
+class MLP(nn.Module):
+    """Gated MLP: SwiGLU (Llama, Qwen2) or GeGLU with tanh-approximate GELU (Gemma-2)."""
+
+    def __init__(self, cfg: DecoderConfig) -> None:
+        super().__init__()
+        d, f = cfg.hidden_size, cfg.intermediate_size
+        self.gate_proj = nn.Linear(d, f, bias=cfg.mlp_bias)
+        self.up_proj = nn.Linear(d, f, bias=cfg.mlp_bias)
+        self.down_proj = nn.Linear(f, d, bias=cfg.mlp_bias)
+        self.gelu = cfg.hidden_act == "gelu_tanh"
+
+    def forward(self, x: Tensor) -> Tensor:
+        g = self.gate_proj(x)
+        g = F.gelu(g, approximate="tanh") if self.gelu else F.silu(g)
+        return self.down_proj(g * self.up_proj(x))
+
+
+class Block(nn.Module):
+    """One transformer layer: (pre-norm) attention + (pre-norm) MLP, Gemma-2 post-norms optional."""
+
+    def __init__(self, cfg: DecoderConfig, index: int) -> None:
+        super().__init__()
+        self.index = index
+        self.attn = Attention(cfg)
+        self.mlp = MLP(cfg)
+        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_offset)
+        self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_offset)
+        if cfg.post_norms:
+            self.attn_post_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_offset)
+            self.mlp_post_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_offset)
+        self.post_norms = cfg.post_norms
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, attend: AttendFn) -> Tensor:
+        b, s, _ = x.shape
+        q, k, v = self.attn.qkv(self.attn_norm(x), cos, sin)
+        h = self.attn.o_proj(attend(self.index, q, k, v).transpose(1, 2).reshape(b, s, -1))
+        x = x + (self.attn_post_norm(h) if self.post_norms else h)
+        h = self.mlp(self.mlp_norm(x))
+        return x + (self.mlp_post_norm(h) if self.post_norms else h)
+
+
+class Decoder(nn.Module):
+    """A frozen decoder-only LM. See the module docstring for the API."""
+
+    def __init__(self, cfg: DecoderConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.attn_backend: str | None = None
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList([Block(cfg, i) for i in range(cfg.num_layers)])
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_offset)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.tie_weights()
+        self.requires_grad_(False)
+
+    # -- construction --------------------------------------------------------------------------
+    def tie_weights(self) -> None:
+        """Share lm_head.weight with the embedding when the config ties them."""
+        if self.cfg.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    @classmethod
+    def from_config(cls, cfg: DecoderConfig, dtype: torch.dtype = torch.float32, seed: int = 0) -> Decoder:
+        """Random weights (for tests): N(0, 0.02) matrices, norm weights and biases jittered."""
+        gen = torch.Generator().manual_seed(seed)
+        with torch.device("meta"):
+            model = cls(cfg)
+        state = {}
+        for name, p in model.state_dict().items():
+            if name.endswith("norm.weight"):
+                base = 0.0 if cfg.norm_offset else 1.0
+                w = base + 0.1 * torch.randn(p.shape, generator=gen)
+            elif name.endswith(".bias"):
+                w = 0.02 * torch.randn(p.shape, generator=gen)
+            else:
+                w = 0.02 * torch.randn(p.shape, generator=gen)
+            state[name] = w.to(dtype)
+        model.load_weights(state)
+        return model
+
+    def load_weights(self, state: dict[str, Tensor]) -> None:
+        """Assign a full state dict (our parameter names), re-tie, freeze. Errors name missing keys."""
+        expected = set(self.state_dict().keys())
+        if self.cfg.tie_word_embeddings:
+            expected.discard("lm_head.weight")
+            state = {k: v for k, v in state.items() if k != "lm_head.weight"}
+        missing, unexpected = expected - set(state), set(state) - expected
+        if missing or unexpected:
+            raise ValueError(
+                f"weights do not match the config: missing {sorted(missing)[:8]}, "
+                f"unexpected {sorted(unexpected)[:8]}"
+            )
+        for name, tensor in state.items():
+            want = self._shape_of(name)
+            if tuple(tensor.shape) != want:
+                raise ValueError(f"weight {name}: expected shape {want}, got {tuple(tensor.shape)}")
+        self.load_state_dict(state, strict=False, assign=True)
+        self.tie_weights()
+        self.requires_grad_(False)
+
+    def _shape_of(self, name: str) -> tuple[int, ...]:
+        mod_name, _, attr = name.rpartition(".")
+        return tuple(getattr(self.get_submodule(mod_name), attr).shape)
+
+    # -- properties ----------------------------------------------------------------------------
+    @property
+    def dtype(self) -> torch.dtype:
+        """dtype of the weights."""
+        return self.embed_tokens.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        """Device of the weights."""
+        return self.embed_tokens.weight.device
+
+    def param_count(self, trainable_only: bool = False) -> int:
+        """Number of (unique) parameters; tied weights count once."""
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
+
+    # -- building blocks -----------------------------------------------------------------------
+    def embed(self, input_ids: Tensor) -> Tensor:
+        """input_ids [B,T] -> [B,T,d] input embeddings as the model feeds them (Gemma: x sqrt(d))."""
+        x = self.embed_tokens(input_ids)
+        if self.cfg.embed_scale:
+            x = x * torch.tensor(math.sqrt(self.cfg.hidden_size), dtype=x.dtype)
+        return x
+
+    def logits(self, hidden: Tensor) -> Tensor:
+        """Final-normed hidden [..., d] -> float32 logits [..., V] (with the final softcap)."""
+        out = self.lm_head(hidden).float()
+        c = self.cfg.final_softcap
+        return out if c is None else torch.tanh(out / c) * c
+
+    def _run(self, x: Tensor, positions: Tensor, attend: AttendFn) -> Tensor:
+        """All layers then the final norm: x [B,S,d] at positions [B,S] -> hidden [B,S,d]."""
+        cos, sin = rope_cos_sin(self.cfg, positions, x.dtype)
+        for layer in self.layers:
+            x = layer(x, cos, sin, attend)
+        return self.norm(x)
+
+    def _attn_kw(self, layer: int) -> dict:
+        c = self.cfg
+        return dict(
+            softcap=c.attn_softcap, window=c.window(layer), scale=c.attn_scale, backend=self.attn_backend
+        )
+
+    # -- public passes -------------------------------------------------------------------------
+    def forward(self, input_ids: Tensor) -> Tensor:
+        """input_ids [B,T] -> float32 logits [B,T,V] (causal, positions 0..T-1)."""
+        return self.prefill(input_ids)[0]
+
+    def prefill(
+        self, input_ids: Tensor | None = None, *, inputs_embeds: Tensor | None = None,
+        positions: Tensor | None = None, return_hidden: bool = False, capacity: int | None = None,
+    ) -> tuple[Tensor, KVCache] | tuple[Tensor, KVCache, Tensor]:
+        """Causal pass over whole sequences, returning logits and the per-layer KV cache.
+
+        Args:
+            input_ids: [B,T] token ids, or ``inputs_embeds`` [B,T,d] used as-is.
+            positions: long [B,T] RoPE positions (default 0..T-1); the attention mask is
+                causal over the T entries regardless.
+            return_hidden: also return the final-normed hidden states [B,T,d].
+            capacity: preallocate the cache for this many entries (e.g. T + tokens to decode).
+
+        Returns (logits float32 [B,T,V], cache with lens = T[, hidden]).
+        """
+        x = self._input(input_ids, inputs_embeds, "prefill")
+        b, t, _ = x.shape
+        if positions is None:
+            positions = torch.arange(t, device=x.device).expand(b, t)
+        ks: list[Tensor] = []
+        vs: list[Tensor] = []
+        zero_lens = torch.zeros(b, 1, dtype=torch.long, device=x.device)
+
+        def attend(i: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+            ks.append(k)
+            vs.append(v)
+            empty = k.new_zeros(b, k.shape[1], 0, k.shape[3])
+            return ops.segment_attention(q, k, v, empty, empty, zero_lens, block_len=t, **self._attn_kw(i))
+
+        hidden = self._run(x, positions, attend)
+        cache = KVCache.from_tensors(ks, vs)
+        if capacity is not None:
+            cache.reserve(capacity)
+        logits = self.logits(hidden)
+        return (logits, cache, hidden) if return_hidden else (logits, cache)
+
+    def forward_blocks(
+        self, inputs_embeds: Tensor, positions: Tensor, cache: KVCache, prefix_lens: Tensor, block_len: int,
+        *, output: str = "logits",
+    ) -> Tensor:
+        """N blocks of S input embeddings, block k over the first p_k cache entries of every layer.
+
+        Args:
+            inputs_embeds: [B, N*S, d] used as-is (no lookup, no scaling); gradient flows to it.
+            positions: long [B, N*S] RoPE positions (normally p_k + i for row i of block k; the
+                sliding window is counted from p_k + i).
+            cache: a KVCache with batch B (or 1, shared by all rows); it is only read.
+            prefix_lens: int [B, N], p_k <= cache.lens[b].
+            block_len: S.
+            output: "logits" -> float32 [B, N*S, V]; "hidden" -> final-normed [B, N*S, d].
+        """
+        if output not in ("logits", "hidden"):
+            raise ValueError(f"output: expected 'logits' or 'hidden', got {output!r}")
+        if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != self.cfg.hidden_size:
+            raise ValueError(
+                f"inputs_embeds: expected [B, N*S, {self.cfg.hidden_size}], got {tuple(inputs_embeds.shape)}"
+            )
+        b, ns, _ = inputs_embeds.shape
+        if not isinstance(block_len, int) or block_len < 1 or ns % block_len:
+            raise ValueError(f"block_len: expected an int >= 1 dividing N*S = {ns}, got {block_len!r}")
+        n = ns // block_len
+        if tuple(positions.shape) != (b, ns):
+            raise ValueError(f"positions: expected shape {(b, ns)}, got {tuple(positions.shape)}")
+        if tuple(prefix_lens.shape) != (b, n):
+            raise ValueError(f"prefix_lens: expected shape {(b, n)} [B, N], got {tuple(prefix_lens.shape)}")
+        if cache.batch_size not in (1, b):
+            raise ValueError(f"cache: batch {cache.batch_size} does not match inputs_embeds batch {b} (or 1)")
+        if not torch.compiler.is_compiling() and prefix_lens.numel():
+            lens = cache.lens.view(-1, 1).to(prefix_lens.device)
+            if bool((prefix_lens > lens).any()) or int(prefix_lens.min()) < 0:
+                raise ValueError(
+                    f"prefix_lens: values must lie in [0, cache.lens[b]] = {cache.lens.tolist()}"
+                )
+        x = inputs_embeds.to(self.dtype)
+
+        def attend(i: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+            kp, vp = cache.layer(i)
+            kp, vp = kp.to(q.dtype).expand(b, -1, -1, -1), vp.to(q.dtype).expand(b, -1, -1, -1)
+            kw = self._attn_kw(i)
+            return ops.segment_attention(q, k, v, kp, vp, prefix_lens, block_len=block_len, **kw)
+
+        hidden = self._run(x, positions, attend)
+        return hidden if output == "hidden" else self.logits(hidden)
+
+    def extend(
+        self, input_ids: Tensor | None = None, *, cache: KVCache, inputs_embeds: Tensor | None = None,
+        return_hidden: bool = False,
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        """Append S tokens (ids [B,S] or embeddings [B,S,d], used as-is) to ``cache`` in place.
+
+        Row i of request b sits at position cache.lens[b] + i and attends to the whole cache
+        and causally to the new tokens; their K/V are written and lens advances by S.
+        Meant for inference (e.g. appending latents); returns float32 logits [B,S,V]
+        (and final-normed hidden [B,S,d] if ``return_hidden``).
+        """
+        x = self._input(input_ids, inputs_embeds, "extend")
+        b, s, _ = x.shape
+        cache.reserve(cache.max_len + s)
+        start = cache.lens.view(b, 1)
+        positions = start + torch.arange(s, device=x.device)
+
+        def attend(i: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+            kp, vp = cache.layer(i)
+            o = ops.segment_attention(q, k, v, kp, vp, start, block_len=s, **self._attn_kw(i))
+            cache.write(i, k, v)
+            return o
+
+        hidden = self._run(x, positions, attend)
+        cache.advance(s)
+        logits = self.logits(hidden)
+        return (logits, hidden) if return_hidden else logits
+
+    def decode_step(
+        self, input_ids: Tensor | None, cache: KVCache, *, inputs_embeds: Tensor | None = None
+    ) -> Tensor:
+        """One token per request (ids [B] or embeddings [B,d]) at position cache.lens[b].
+
+        Writes its K/V into the cache at lens[b] (growing capacity if needed), attends via
+        ops.decode_attention over [0, lens[b] + 1), advances lens by 1. Returns logits [B,V].
+        """
+        if inputs_embeds is not None:
+            inputs_embeds = inputs_embeds.unsqueeze(1)
+        x = self._input(None if input_ids is None else input_ids.view(-1, 1), inputs_embeds, "decode_step")
+        cache.reserve(cache.max_len + 1)
+        positions = cache.lens.view(-1, 1)
+        new_lens = cache.lens + 1
+        length = cache.max_len + 1
+
+        def attend(i: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+            cache.write(i, k, v)
+            kc, vc = cache.layer(i, length)
+            return ops.decode_attention(q[:, :, 0], kc, vc, new_lens, **self._attn_kw(i)).unsqueeze(2)
+
+        hidden = self._run(x, positions, attend)
+        cache.advance(1)
+        return self.logits(hidden[:, 0])
+
+    def _input(self, input_ids: Tensor | None, inputs_embeds: Tensor | None, where: str) -> Tensor:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError(f"{where}: pass exactly one of input_ids or inputs_embeds")
+        if inputs_embeds is not None:
+            if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != self.cfg.hidden_size:
+                raise ValueError(
+                    f"{where}: inputs_embeds must end in hidden_size {self.cfg.hidden_size}, "
+                    f"got {tuple(inputs_embeds.shape)}"
+                )
+            return inputs_embeds.to(self.dtype)
+        if input_ids.dim() != 2:
+            raise ValueError(f"{where}: input_ids must be [B, T], got {tuple(input_ids.shape)}")
+        return self.embed(input_ids)
