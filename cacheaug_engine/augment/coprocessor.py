@@ -1,0 +1,243 @@
+"""The coprocessor: reads a frozen decoder's KV cache, writes N_L latent embeddings.
+
+Same architecture as the decoder, initialised from its weights: either a full trainable
+copy, or LoRA adapters on the decoder's own (shared, frozen) weights. Its input is a
+trainable table of N_L soft tokens; for every augmentation point p_k it runs those soft
+tokens as one block over the decoder's cache prefix (``Decoder.forward_blocks``) and the
+last layer's normalised hidden states, times an optional latent scale, are the latents.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .layout import PLACEMENTS, BlockLayout, block_layout
+from .lora import DEFAULT_TARGETS, LoRALinear, add_lora, shared_clone
+
+SCALE_MODES = ("none", "fixed", "learned")
+SOFT_INITS = ("stats", "tokens")
+
+
+@dataclass
+class CoprocessorConfig:
+    """Settings that define a coprocessor (saved with every checkpoint).
+
+    Attributes:
+        num_latents: N_L, latents written per augmentation point.
+        lora_rank: None for a full trainable copy, else the LoRA rank.
+        lora_alpha: LoRA alpha (default = rank, i.e. scaling 1).
+        placement: "paper" or "early" (see augment.layout); latents are trained for one.
+        scale_mode: "none" (latents = hidden states), "fixed" or "learned" (one log-scale
+            per latent slot) multiplier.
+        scale_init: initial multiplier; None = token-embedding RMS / hidden-state RMS, so
+            the latents start at the size of ordinary input embeddings.
+        soft_init: "stats" (Gaussian with the token embeddings' per-dim mean/std) or
+            "tokens" (embeddings of random vocabulary tokens).
+    """
+
+    num_latents: int = 8
+    lora_rank: int | None = 32
+    lora_alpha: float | None = None
+    placement: str = "paper"
+    scale_mode: str = "learned"
+    scale_init: float | None = None
+    soft_init: str = "stats"
+
+    def __post_init__(self) -> None:
+        if self.num_latents < 1:
+            raise ValueError(f"num_latents must be >= 1, got {self.num_latents}")
+        if self.lora_rank is not None and self.lora_rank < 1:
+            raise ValueError(f"lora_rank must be >= 1 (or None for a full copy), got {self.lora_rank}")
+        if self.placement not in PLACEMENTS:
+            raise ValueError(f"placement must be one of {PLACEMENTS}, got {self.placement!r}")
+        if self.scale_mode not in SCALE_MODES:
+            raise ValueError(f"scale_mode must be one of {SCALE_MODES}, got {self.scale_mode!r}")
+        if self.soft_init not in SOFT_INITS:
+            raise ValueError(f"soft_init must be one of {SOFT_INITS}, got {self.soft_init!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable dict."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> CoprocessorConfig:
+        """Inverse of to_dict (unknown keys are an error)."""
+        return cls(**d)
+
+
+def _embedding_weight(decoder: nn.Module) -> Tensor | None:
+    for m in decoder.modules():
+        if isinstance(m, nn.Embedding):
+            return m.weight
+    return None
+
+
+@torch.no_grad()
+def _embedding_stats(
+    decoder: nn.Module, generator: torch.Generator, sample: int = 4096
+) -> tuple[Tensor, Tensor]:
+    """Per-dim mean and std of decoder.embed over random vocabulary tokens (fp32 [d] each)."""
+    vocab = decoder.cfg.vocab_size
+    ids = torch.randint(0, vocab, (1, min(sample, vocab)), generator=generator).to(_device(decoder))
+    emb = decoder.embed(ids)[0].float()
+    return emb.mean(0), emb.std(0)
+
+
+def _device(module: nn.Module) -> torch.device:
+    return next(module.parameters()).device
+
+
+class Coprocessor(nn.Module):
+    """Maps (decoder cache, augmentation points) to latents [B, N, N_L, d].
+
+    Args:
+        decoder: the frozen decoder (a ``cacheaug_engine.models.Decoder``); never modified.
+        num_latents: N_L (overrides ``config.num_latents`` when config is given too).
+        lora_rank: None = full trainable copy of the weights; int = LoRA adapters on the
+            decoder's shared weights (nothing copied).
+        config: a full :class:`CoprocessorConfig` (other keyword settings are ignored).
+        seed: seed for the soft-token and adapter initialisation.
+    """
+
+    def __init__(
+        self,
+        decoder: nn.Module,
+        num_latents: int = 8,
+        lora_rank: int | None = None,
+        *,
+        config: CoprocessorConfig | None = None,
+        seed: int = 0,
+        **settings: Any,
+    ) -> None:
+        super().__init__()
+        if config is None:
+            config = CoprocessorConfig(num_latents=num_latents, lora_rank=lora_rank, **settings)
+        self.config = config
+        gen = torch.Generator().manual_seed(seed)
+        model = shared_clone(decoder)
+        if config.lora_rank is None:
+            self._make_full_copy(model)
+        else:
+            state = torch.random.get_rng_state()
+            torch.manual_seed(seed)
+            try:
+                add_lora(model, config.lora_rank, config.lora_alpha, DEFAULT_TARGETS)
+            finally:
+                torch.random.set_rng_state(state)
+        self.model = model
+        d = decoder.cfg.hidden_size
+        dev = _device(decoder)
+        if config.soft_init == "stats":
+            mean, std = _embedding_stats(decoder, gen)
+            soft = mean + std * torch.randn(config.num_latents, d, generator=gen).to(mean.device)
+        else:
+            ids = torch.randint(0, decoder.cfg.vocab_size, (1, config.num_latents), generator=gen).to(dev)
+            with torch.no_grad():
+                soft = decoder.embed(ids)[0].float()
+        self.soft_tokens = nn.Parameter(soft.to(device=dev, dtype=torch.float32))
+        init = config.scale_init
+        if init is None:
+            init = self._auto_scale(decoder, gen) if config.scale_mode != "none" else 1.0
+            config.scale_init = init
+        log_scale = torch.full((config.num_latents,), math.log(init), device=dev)
+        if config.scale_mode == "learned":
+            self.log_scale = nn.Parameter(log_scale)
+        else:
+            self.register_buffer(
+                "log_scale", log_scale if config.scale_mode == "fixed" else torch.zeros_like(log_scale)
+            )
+
+    # -- construction helpers -----------------------------------------------------------------
+    @staticmethod
+    def _make_full_copy(model: nn.Module) -> None:
+        """Give every transformer parameter its own trainable fp32 copy (embeddings and head stay shared)."""
+        emb = _embedding_weight(model)
+        head = getattr(model, "lm_head", None)
+        for mod in model.modules():
+            if isinstance(mod, nn.Embedding) or mod is head:
+                continue
+            for name, p in list(mod._parameters.items()):
+                if p is None or (emb is not None and p is emb):
+                    continue
+                mod._parameters[name] = nn.Parameter(p.detach().float().clone(), requires_grad=True)
+
+    @staticmethod
+    @torch.no_grad()
+    def _auto_scale(decoder: nn.Module, gen: torch.Generator) -> float:
+        """Token-embedding RMS / last-hidden-state RMS, measured on a few random tokens."""
+        ids = torch.randint(0, decoder.cfg.vocab_size, (1, 32), generator=gen).to(_device(decoder))
+        emb_rms = decoder.embed(ids).float().pow(2).mean().sqrt()
+        out = decoder.prefill(ids, return_hidden=True)
+        hid_rms = out[2].float().pow(2).mean().sqrt()
+        return float(emb_rms / hid_rms.clamp_min(1e-6))
+
+    # -- parameters ---------------------------------------------------------------------------
+    @property
+    def num_latents(self) -> int:
+        """N_L."""
+        return self.config.num_latents
+
+    @property
+    def placement(self) -> str:
+        """Where the latents go: "paper" or "early"."""
+        return self.config.placement
+
+    def adapters(self) -> list[LoRALinear]:
+        """The LoRA adapters (empty for a full copy)."""
+        return [m for m in self.model.modules() if isinstance(m, LoRALinear)]
+
+    def trainable_state(self) -> dict[str, Tensor]:
+        """name -> tensor of everything trainable (+ the scale), detached: what a checkpoint stores."""
+        out = {n: p.detach() for n, p in self.named_parameters() if p.requires_grad}
+        out["log_scale"] = self.log_scale.detach()
+        return out
+
+    def load_trainable_state(self, state: dict[str, Tensor], strict: bool = True) -> None:
+        """Load tensors written by :meth:`trainable_state` (shapes must match)."""
+        own = dict(self.named_parameters())
+        own["log_scale"] = self.log_scale
+        missing = [k for k in self.trainable_state() if k not in state]
+        unexpected = [k for k in state if k not in own]
+        if strict and (missing or unexpected):
+            raise ValueError(
+                f"coprocessor state mismatch: missing {missing[:5]}, unexpected {unexpected[:5]}"
+            )
+        with torch.no_grad():
+            for k, v in state.items():
+                if k in own:
+                    if own[k].shape != v.shape:
+                        raise ValueError(
+                            f"coprocessor state {k}: shape {tuple(v.shape)} != {tuple(own[k].shape)}"
+                        )
+                    own[k].copy_(v)
+
+    # -- compute ------------------------------------------------------------------------------
+    def scale(self) -> Tensor:
+        """The latent multiplier per slot, fp32 [N_L]."""
+        return self.log_scale.exp()
+
+    def forward(self, cache: Any, layout: BlockLayout) -> Tensor:
+        """Latents [B, N, N_L, d] for the blocks of ``layout`` over the decoder's ``cache``."""
+        b, n = layout.prefix_lens.shape
+        nl = self.num_latents
+        if layout.num_latents != nl:
+            raise ValueError(f"layout has num_latents={layout.num_latents}, coprocessor has {nl}")
+        dtype = cache.k[0].dtype
+        if torch.is_autocast_enabled(cache.k[0].device.type):
+            dtype = torch.get_autocast_dtype(cache.k[0].device.type)
+        x = self.soft_tokens.to(dtype).unsqueeze(0).expand(b * n, nl, -1).reshape(b, n * nl, -1)
+        hidden = self.model.forward_blocks(
+            x, layout.copro_pos, cache, layout.prefix_lens, nl, output="hidden"
+        )
+        z = hidden.view(b, n, nl, -1)
+        return z * self.scale().to(z.dtype).view(1, 1, nl, 1)
+
+    def latents_at(self, cache: Any, positions: Tensor, ahead: int = 1) -> Tensor:
+        """Latents [B, N, N_L, d] for augmentation points ``positions`` [B, N] (inference helper)."""
+        layout = block_layout(positions, self.num_latents, ahead, self.placement)
+        return self.forward(cache, layout)

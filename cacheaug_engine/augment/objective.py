@@ -1,0 +1,157 @@
+"""CacheAugmentationObjective: the multi-position training loss of DESIGN.md section 1.
+
+One call scores N augmentation points per sequence in three passes:
+
+1. ``decoder.prefill(x)`` (no grad): the frozen cache, and the decoder's own logits,
+   which give the baseline cross-entropy of every target.
+2. one ``coprocessor.model.forward_blocks`` over N blocks of soft tokens -> latents;
+3. one ``decoder.forward_blocks`` over N blocks of [latents ; token embeddings]; the last
+   N_A rows of each block predict the targets x[p_k : p_k + N_A].
+
+Gradients flow through the frozen decoder (step 3) into the coprocessor. Usage in any
+plain PyTorch loop::
+
+    objective = CacheAugmentationObjective(decoder, Coprocessor(decoder, 8, lora_rank=32), ahead=16)
+    opt = torch.optim.AdamW([p for p in objective.parameters() if p.requires_grad], lr=1e-3)
+    for ids in batches:                       # long [B, T]
+        out = objective(ids)                  # N random points per sequence
+        out.loss.backward(); opt.step(); opt.zero_grad()
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from .coprocessor import Coprocessor
+from .layout import BlockLayout, block_layout, check_positions, sample_positions
+
+
+@dataclass
+class ObjectiveOutput:
+    """Result of one objective call.
+
+    Attributes:
+        loss: mean cross-entropy over all blocks' targets (with latents), scalar with grad.
+        ce_aug: [B, N, N_A] per-target cross-entropy with latents (detached, fp32).
+        ce_base: [B, N, N_A] the decoder's own cross-entropy for the same targets.
+        positions: [B, N] the augmentation points used.
+    """
+
+    loss: Tensor
+    ce_aug: Tensor
+    ce_base: Tensor
+    positions: Tensor
+
+    def per_position(self) -> tuple[Tensor, Tensor]:
+        """Mean CE per target position i = 1..N_A: (augmented [N_A], baseline [N_A])."""
+        return self.ce_aug.flatten(0, 1).mean(0), self.ce_base.flatten(0, 1).mean(0)
+
+
+def _chunked_ce(decoder: nn.Module, hidden: Tensor, targets: Tensor, chunk: int = 1024) -> Tensor:
+    """Per-row cross-entropy (fp32) of hidden [R, d] against targets [R], chunking the vocab matmul."""
+    out = []
+    for i in range(0, hidden.shape[0], chunk):
+        logits = decoder.logits(hidden[i : i + chunk]).float()
+        out.append(F.cross_entropy(logits, targets[i : i + chunk], reduction="none"))
+    return torch.cat(out) if out else hidden.new_zeros(0, dtype=torch.float32)
+
+
+class CacheAugmentationObjective(nn.Module):
+    """Loss of a coprocessor over a frozen decoder at N points per sequence, in one pass.
+
+    Args:
+        decoder: the frozen decoder.
+        coprocessor: a :class:`Coprocessor` built on that decoder (its ``placement`` is used).
+        ahead: N_A, targets scored after each augmentation point.
+        num_positions: N, random points per sequence when forward gets no positions.
+        min_prefix: smallest augmentation point drawn at random.
+        grad_checkpoint: recompute the coprocessor and decoder block passes in backward
+            (saves activation memory at the cost of one more forward).
+    """
+
+    def __init__(
+        self,
+        decoder: nn.Module,
+        coprocessor: Coprocessor,
+        ahead: int = 16,
+        *,
+        num_positions: int = 8,
+        min_prefix: int = 1,
+        grad_checkpoint: bool = False,
+    ) -> None:
+        super().__init__()
+        if ahead < 1:
+            raise ValueError(f"ahead must be >= 1, got {ahead}")
+        self.decoder = decoder
+        self.coprocessor = coprocessor
+        self.ahead = ahead
+        self.num_positions = num_positions
+        self.min_prefix = min_prefix
+        self.grad_checkpoint = grad_checkpoint
+        self.generator = torch.Generator().manual_seed(0)
+
+    def layout(self, positions: Tensor) -> BlockLayout:
+        """The block layout for points ``positions`` [B, N] under this objective's settings."""
+        return block_layout(positions, self.coprocessor.num_latents, self.ahead, self.coprocessor.placement)
+
+    def sample(self, batch: int, seq_len: int) -> Tensor:
+        """Draw ``num_positions`` random points per sequence from this objective's generator."""
+        return sample_positions(
+            batch,
+            seq_len,
+            self.num_positions,
+            self.ahead,
+            generator=self.generator,
+            min_prefix=self.min_prefix,
+        )
+
+    def forward(
+        self, input_ids: Tensor, positions: Tensor | None = None, *, baseline: bool = True
+    ) -> ObjectiveOutput:
+        """Score ``input_ids`` [B, T] at ``positions`` [B, N] (random when None).
+
+        ``baseline=False`` skips nothing expensive (the prefill runs anyway) but leaves
+        ce_base as NaN; it exists for callers that never read it.
+        """
+        b, t = input_ids.shape
+        if positions is None:
+            positions = self.sample(b, t)
+        positions = check_positions(positions, t, self.ahead).to(input_ids.device)
+        lay = self.layout(positions)
+        n, na, nl, s = positions.shape[1], self.ahead, lay.num_latents, lay.block_len
+        dec = self.decoder
+        with torch.no_grad():
+            out = dec.prefill(input_ids, return_hidden=True)
+            cache, hidden_base = out[1], out[2]
+            if baseline:
+                rows = lay.baseline_idx.reshape(b, n * na)
+                hb = torch.gather(hidden_base, 1, rows.unsqueeze(-1).expand(-1, -1, hidden_base.shape[-1]))
+                tb = torch.gather(input_ids, 1, lay.target_idx.reshape(b, n * na))
+                ce_base = _chunked_ce(dec, hb.reshape(b * n * na, -1), tb.reshape(-1)).view(b, n, na)
+            else:
+                ce_base = torch.full((b, n, na), float("nan"))
+            del out, hidden_base
+        latents = self._run(self.coprocessor, cache, lay)  # [B, N, N_L, d]
+        tok_ids = torch.gather(input_ids, 1, lay.token_idx.reshape(b, -1)).view(b, n, -1)
+        tok_emb = dec.embed(tok_ids.reshape(b, -1)).view(b, n, s - nl, -1)
+        x = torch.cat([latents.to(tok_emb.dtype), tok_emb], dim=2).reshape(b, n * s, -1)
+        hidden = self._run(self._decoder_blocks, x, lay.dec_pos, cache, lay.prefix_lens, s)
+        h_t = hidden.view(b, n, s, -1)[:, :, s - na :].reshape(b * n * na, -1)
+        targets = torch.gather(input_ids, 1, lay.target_idx.reshape(b, n * na)).reshape(-1)
+        ce = _chunked_ce(dec, h_t, targets).view(b, n, na)
+        return ObjectiveOutput(
+            loss=ce.mean(), ce_aug=ce.detach(), ce_base=ce_base.float(), positions=positions
+        )
+
+    def _decoder_blocks(self, x: Tensor, pos: Tensor, cache, prefix_lens: Tensor, block_len: int) -> Tensor:
+        return self.decoder.forward_blocks(x, pos, cache, prefix_lens, block_len, output="hidden")
+
+    def _run(self, fn, *args):
+        if self.grad_checkpoint and torch.is_grad_enabled():
+            return checkpoint(fn, *args, use_reentrant=False)
+        return fn(*args)
