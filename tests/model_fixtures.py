@@ -70,7 +70,7 @@ def hf_config_kwargs(cfg: DecoderConfig) -> dict[str, Any]:
     if cfg.arch == "gemma2":
         kw.update(
             hidden_activation="gelu_pytorch_tanh", attn_logit_softcapping=cfg.attn_softcap,
-            final_logit_softcapping=cfg.final_softcap, query_pre_attn_scalar=cfg.query_pre_attn_scalar,
+            final_logit_softcapping=cfg.final_softcap, query_pre_attn_scalar=int(cfg.query_pre_attn_scalar),
             sliding_window=cfg.sliding_window, pad_token_id=0,
             layer_types=[_HF_LAYER_TYPES[t] for t in cfg.layer_types],
         )

@@ -3,5 +3,6 @@
 from .cache import KVCache
 from .config import DecoderConfig
 from .decoder import Decoder
+from .loaders import load_decoder, load_tokenizer
 
-__all__ = ["Decoder", "DecoderConfig", "KVCache"]
+__all__ = ["Decoder", "DecoderConfig", "KVCache", "load_decoder", "load_tokenizer"]
