@@ -1,0 +1,146 @@
+"""`cacheaug bench ops|train|decode|all|plot` (also `python -m cacheaug_engine.bench`).
+
+    cacheaug bench all --out bench/results/h100-2026-01-01.json      # one device call
+    cacheaug bench ops --smoke --out /tmp/smoke.json                  # CPU, seconds
+    cacheaug bench plot bench/results/*.json --plot-dir bench/results/plots
+
+Sections: ops = segment attention + decode_attention + cascade_decode + merge_states;
+train = training step of the multi-position objective; decode = end-to-end decode
+tokens/s and n-sample generation. `all` runs every section under one time budget
+(default 540 s on CUDA, so it fits a 10-minute device call), giving each section a
+share; cases past a section's share are recorded as skipped, never silently dropped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+SECTIONS = ("ops", "train", "decode")
+# Share of the time budget each section may use (unused time rolls over to later ones).
+SHARES = {"ops": 0.55, "train": 0.25, "decode": 0.20}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("what", choices=[*SECTIONS, "all", "plot"], help="which benchmarks to run (or plot)")
+    parser.add_argument("inputs", nargs="*", help="plot: result JSON files")
+    parser.add_argument("--out", help="JSON file to write (run) / Markdown table file (plot)")
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU, seconds (CI)")
+    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu (smoke: cpu)")
+    parser.add_argument("--grid", choices=["quick", "sweep", "full"], default=None,
+                        help="segment-attention shapes: quick = T sweep per model (default for all), "
+                             "sweep = T, N, N_L one at a time (default for ops), full = cross product")
+    parser.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None,
+                        help="default bf16 on CUDA, fp32 on the CPU")
+    parser.add_argument("--time-budget", type=float, default=None,
+                        help="seconds for the whole run (default: 540 for all on CUDA, none otherwise)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed repeats per case (median)")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed warm-up calls per case")
+    parser.add_argument("--no-progress", action="store_true", help="no tqdm bars")
+    parser.add_argument("--plot-dir", default=None, help="plot: folder for PNGs (default: next to --out)")
+
+
+def _dtype(name: str | None, device: torch.device) -> torch.dtype:
+    if name is None:
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
+
+
+def _prepare_torch() -> None:
+    # One benchmark process compiles FlexAttention once per shape; the default recompile
+    # limit (8) would make later shapes fall back to eager and measure the wrong thing.
+    try:
+        import torch._dynamo.config as dyn
+
+        if hasattr(dyn, "recompile_limit"):
+            dyn.recompile_limit = max(dyn.recompile_limit, 256)
+        else:  # older torch
+            dyn.cache_size_limit = max(dyn.cache_size_limit, 256)
+    except Exception:  # noqa: BLE001 - not fatal: only affects compiled peers
+        pass
+
+
+def run_sections(args: argparse.Namespace) -> dict:
+    from . import e2e, ops_decode, ops_segment, shapes
+    from .records import BenchContext, write_results
+
+    smoke = bool(args.smoke)
+    dev_name = args.device or ("cpu" if smoke or not torch.cuda.is_available() else "cuda")
+    device = torch.device(dev_name)
+    dtype = _dtype(args.dtype, device)
+    sections = list(SECTIONS) if args.what == "all" else [args.what]
+    budget = args.time_budget
+    if budget is None and args.what == "all" and device.type == "cuda":
+        budget = 540.0
+    grid = args.grid or ("quick" if args.what == "all" else "sweep")
+    _prepare_torch()
+    ctx = BenchContext(device, smoke=smoke, repeats=args.repeats, warmup=args.warmup, time_budget_s=None,
+                       progress=not args.no_progress)
+    t0 = time.monotonic()
+    total_share = sum(SHARES[s] for s in sections)
+    used_share = 0.0
+    for section in sections:
+        used_share += SHARES[section]
+        if budget is not None:
+            # deadline for this section, measured from the start of the run
+            ctx.time_budget_s = budget * used_share / total_share + (ctx.t_start - t0)
+        if section == "ops":
+            ops_segment.run_segment(ctx, shapes.segment_shapes(grid, smoke), dtype, modes=ops_segment.MODES)
+            ops_decode.run_decode(ctx, shapes.decode_shapes(smoke), dtype)
+            ops_decode.run_cascade(ctx, shapes.cascade_shapes(smoke), dtype)
+            ops_decode.run_merge(ctx, shapes.merge_shapes(smoke), dtype)
+        elif section == "train":
+            e2e.run_train(ctx, dtype, smoke=smoke)
+        elif section == "decode":
+            e2e.run_generate(ctx, dtype, smoke=smoke)
+    out = args.out or f"bench-{args.what}{'-smoke' if smoke else ''}.json"
+    extra = {"config": {"what": args.what, "grid": grid, "dtype": str(dtype).replace("torch.", ""),
+                        "time_budget_s": budget, "repeats": ctx.timer.repeats, "warmup": ctx.timer.warmup,
+                        "l2_flush_bytes": ctx.timer.flush_l2 and 256 * 2**20,
+                        "triton_interpret": os.environ.get("TRITON_INTERPRET", "0") == "1"}}
+    doc = write_results(out, ctx, sections, smoke=smoke, extra=extra)
+    doc["_path"] = str(out)
+    return doc
+
+
+def _summary(doc: dict) -> str:
+    recs = doc["records"]
+    counts: dict[str, int] = {}
+    for r in recs:
+        key = r["status"].split(":")[0]
+        counts[key] = counts.get(key, 0) + 1
+    parts = ", ".join(f"{v} {k}" for k, v in sorted(counts.items()))
+    return f"{len(recs)} records ({parts}) on {doc['device']} in {doc['wall_s']} s -> {doc['_path']}"
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.what == "plot":
+        from .plot import render
+
+        if not args.inputs:
+            print("cacheaug bench plot: give one or more result JSON files", file=sys.stderr)
+            return 2
+        out_md = args.out or str(Path(args.inputs[0]).with_suffix(".md"))
+        plot_dir = args.plot_dir or str(Path(out_md).parent / "plots")
+        written = render(args.inputs, plot_dir, out_md)
+        for path in written:
+            print(path)
+        return 0
+    if args.inputs:
+        print(f"unexpected arguments: {args.inputs}", file=sys.stderr)
+        return 2
+    doc = run_sections(args)
+    print(_summary(doc))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="cacheaug bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
