@@ -36,7 +36,8 @@ GEMMA2_2B_HF = {
 
 def _import_stack() -> tuple[Any, Any, Any, Any]:
     try:
-        from cacheaug_engine.augment import CacheAugmentationObjective, Coprocessor
+        from cacheaug_engine.augment.coprocessor import Coprocessor
+        from cacheaug_engine.augment.objective import CacheAugmentationObjective
         from cacheaug_engine.models import Decoder, DecoderConfig
     except Exception as exc:  # noqa: BLE001
         raise Unavailable(f"models/augment do not import yet: {type(exc).__name__}: {exc}") from exc

@@ -8,6 +8,7 @@ out-of-memory error, an unavailable backend or any other failure becomes the rec
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -141,7 +142,12 @@ class BenchContext:
         try:
             timing.reset_peak_memory(self.device)
             fn, setup, work = prepare()
-            t = self.timer(fn, setup)
+            if self._interpreted(backend):
+                # Triton interpreter on the CPU: a correctness smoke, not a timing - one call.
+                t = timing.Timer(self.device, warmup=0, repeats=1, flush_l2=False)(fn, setup)
+                rec.extra["note"] = "TRITON_INTERPRET=1 (interpreter on the CPU; time is not meaningful)"
+            else:
+                t = self.timer(fn, setup)
             rec.ms = t.ms
             rec.extra.update({"ms_min": t.ms_min, "ms_max": t.ms_max, "repeats": t.repeats})
             rec.peak_mem_mb = timing.peak_memory_mb(self.device)
@@ -158,6 +164,9 @@ class BenchContext:
         self.records.append(rec)
         self._tick(f"{op} {backend} {rec.status if rec.status != 'ok' else f'{rec.ms:.3f} ms'}")
         return rec
+
+    def _interpreted(self, backend: str) -> bool:
+        return self.device.type == "cpu" and backend == "triton" and os.environ.get("TRITON_INTERPRET") == "1"
 
     def _derive(self, rec: Record, work: Work) -> None:
         sec = rec.ms * 1e-3 if rec.ms else None
