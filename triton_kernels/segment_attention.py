@@ -40,7 +40,7 @@ try:
     import triton
     import triton.language as tl
 except ImportError as exc:  # pragma: no cover - backends.py reports this before dispatch
-    raise ImportError("cacheaug_engine.triton_kernels.segment_attention needs triton (pip install triton)") from exc
+    raise ImportError("cacheaug_engine.triton_kernels.segment_attention needs triton") from exc
 
 from . import segment_attention_configs as cfgs
 
@@ -186,7 +186,8 @@ def _fwd_kernel(
             kT = kT.to(tl.float32)
             v = v.to(tl.float32)
         vis = _prefix_visible(offs_j, p, i, window, HAS_WINDOW)
-        acc, m_i, l_i = _online_step(acc, m_i, l_i, q, kT, v, vis, qk_scale, softcap, HAS_SOFTCAP, INPUT_PRECISION)
+        acc, m_i, l_i = _online_step(acc, m_i, l_i, q, kT, v, vis, qk_scale, softcap,
+                                     HAS_SOFTCAP, INPUT_PRECISION)
 
     k_base = K + b * skb + kvh * skh
     v_base = V + b * svb + kvh * svh
@@ -201,7 +202,8 @@ def _fwd_kernel(
             kT = kT.to(tl.float32)
             v = v.to(tl.float32)
         vis = _local_visible(offs_m, NS, S, blk, i, window, CAUSAL, HAS_WINDOW)
-        acc, m_i, l_i = _online_step(acc, m_i, l_i, q, kT, v, vis, qk_scale, softcap, HAS_SOFTCAP, INPUT_PRECISION)
+        acc, m_i, l_i = _online_step(acc, m_i, l_i, q, kT, v, vis, qk_scale, softcap,
+                                     HAS_SOFTCAP, INPUT_PRECISION)
 
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)
     o = acc / l_safe[:, None]
@@ -264,7 +266,8 @@ def launch(kernel, tuned, name: str, grid_rows: int, grid_bh: int, args: tuple, 
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if cfgs.autotune_enabled():
-        grid = lambda meta: (triton.cdiv(grid_rows, meta["BLOCK_M" if name != "dkdv" else "BLOCK_N"]), grid_bh)
+        tile = "BLOCK_M" if name != "dkdv" else "BLOCK_N"
+        grid = lambda meta: (triton.cdiv(grid_rows, meta[tile]), grid_bh)
         tuned[grid](*args, **scalars, **consts)
         return
     bm, bn, warps, stages = cfgs.fixed_config(name, head_dim, dtype)
@@ -287,7 +290,8 @@ def forward(q: Tensor, k: Tensor, v: Tensor, k_prefix: Tensor, v_prefix: Tensor,
         q, k, v, k_prefix, v_prefix, prefix_lens, o, lse,
         *_strides(q), *_strides(k), *_strides(v), *_strides(k_prefix), *_strides(v_prefix), *_strides(o),
     )
-    launch(_fwd_kernel, _fwd_tuned, "fwd", ns * (hq // hkv), b * hkv, args, scalars, consts, q.dtype, dh, q.device)
+    launch(_fwd_kernel, _fwd_tuned, "fwd", ns * (hq // hkv), b * hkv, args, scalars, consts,
+           q.dtype, dh, q.device)
     return o, lse
 
 
@@ -306,7 +310,8 @@ def segment_attention_fwd(
 @segment_attention_fwd.register_fake
 def _(q, k, v, k_prefix, v_prefix, prefix_lens, block_len, causal, softcap, window, scale):
     b, hq, ns, _ = q.shape
-    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty((b, hq, ns), dtype=torch.float32)
+    o = torch.empty_like(q, memory_format=torch.contiguous_format)
+    return o, q.new_empty((b, hq, ns), dtype=torch.float32)
 
 
 @torch.library.custom_op("cacheaug::segment_attention_bwd", mutates_args=())
@@ -343,8 +348,8 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, do, dlse):
-    needs = [name for name, flag in (("k_prefix", ctx.needs_input_grad[3]), ("v_prefix", ctx.needs_input_grad[4]))
-             if flag]
+    flags = (("k_prefix", ctx.needs_input_grad[3]), ("v_prefix", ctx.needs_input_grad[4]))
+    needs = [name for name, flag in flags if flag]
     if needs:
         raise RuntimeError(_PREFIX_GRAD_MSG.format(names=" and ".join(needs)))
     q, k, v, k_prefix, v_prefix, prefix_lens, o, lse = ctx.saved_tensors
@@ -365,7 +370,8 @@ def check_supported(q: Tensor, k_prefix: Tensor, v_prefix: Tensor) -> None:
                          "(use backend='torch' for float64)")
     dh = q.shape[-1]
     if not 1 <= dh <= MAX_HEAD_DIM:
-        raise ValueError(f"q: head dim (dim 3) must be in [1, {MAX_HEAD_DIM}] for the triton backend, got {dh}")
+        raise ValueError(f"q: head dim (dim 3) must be in [1, {MAX_HEAD_DIM}] for the triton backend, "
+                         f"got {dh}")
     if q.device.type == "cpu" and not cfgs.interpreting():
         raise ValueError("q: the triton backend needs CUDA tensors, or TRITON_INTERPRET=1 for CPU tensors")
     if q.device.type not in ("cpu", "cuda"):
@@ -397,4 +403,6 @@ def segment_attention(
     return (o, lse) if return_lse else o
 
 
-__all__ = ["segment_attention", "segment_attention_fwd", "segment_attention_bwd", "forward", "check_supported"]
+__all__ = [
+    "segment_attention", "segment_attention_fwd", "segment_attention_bwd", "forward", "check_supported",
+]

@@ -19,10 +19,9 @@ expanded stride-0 tensor).
 """
 
 import torch
-from torch import Tensor
-
 import triton
 import triton.language as tl
+from torch import Tensor
 
 from . import segment_attention_configs as cfgs
 from .segment_attention import (
@@ -85,8 +84,10 @@ def _dq_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
     rmask = row_ok[:, None] & d_ok[None, :]
-    q = tl.load(Q + b * sqb + h[:, None] * sqh + n[:, None] * sqn + offs_d[None, :] * sqd, mask=rmask, other=0.0)
-    do = tl.load(DO + b * sdb + h[:, None] * sdh + n[:, None] * sdn + offs_d[None, :] * sdd, mask=rmask, other=0.0)
+    q = tl.load(Q + b * sqb + h[:, None] * sqh + n[:, None] * sqn + offs_d[None, :] * sqd,
+                mask=rmask, other=0.0)
+    do = tl.load(DO + b * sdb + h[:, None] * sdh + n[:, None] * sdn + offs_d[None, :] * sdd,
+                 mask=rmask, other=0.0)
     if DOT_F32:
         q = q.to(tl.float32)
         do = do.to(tl.float32)
@@ -150,8 +151,10 @@ def _dkdv_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
     kmask = m_ok[:, None] & d_ok[None, :]
-    k = tl.load(K + b * skb + kvh * skh + offs_m[:, None] * skn + offs_d[None, :] * skd, mask=kmask, other=0.0)
-    v = tl.load(V + b * svb + kvh * svh + offs_m[:, None] * svn + offs_d[None, :] * svd, mask=kmask, other=0.0)
+    k = tl.load(K + b * skb + kvh * skh + offs_m[:, None] * skn + offs_d[None, :] * skd,
+                mask=kmask, other=0.0)
+    v = tl.load(V + b * svb + kvh * svh + offs_m[:, None] * svn + offs_d[None, :] * svd,
+                mask=kmask, other=0.0)
     if DOT_F32:
         k = k.to(tl.float32)
         v = v.to(tl.float32)
@@ -172,7 +175,8 @@ def _dkdv_kernel(
         row_ok, n, g, blk, i, p = _row_tile(start, r_stop, PL, b, N, NS, S, GROUP, BLOCK_M)
         h = kvh * GROUP + g
         rmask = row_ok[:, None] & d_ok[None, :]
-        q = tl.load(Q + b * sqb + h[:, None] * sqh + n[:, None] * sqn + offs_d[None, :] * sqd, mask=rmask, other=0.0)
+        q = tl.load(Q + b * sqb + h[:, None] * sqh + n[:, None] * sqn + offs_d[None, :] * sqd,
+                    mask=rmask, other=0.0)
         do = tl.load(DO + b * sdb + h[:, None] * sdh + n[:, None] * sdn + offs_d[None, :] * sdd,
                      mask=rmask, other=0.0)
         if DOT_F32:
@@ -207,7 +211,8 @@ _dq_tuned = triton.autotune(
     configs=cfgs.candidates("dq"), key=_KEY, prune_configs_by={"early_config_prune": cfgs.make_pruner("dq")},
 )(_dq_kernel)
 _dkdv_tuned = triton.autotune(
-    configs=cfgs.candidates("dkdv"), key=_KEY, prune_configs_by={"early_config_prune": cfgs.make_pruner("dkdv")},
+    configs=cfgs.candidates("dkdv"), key=_KEY,
+    prune_configs_by={"early_config_prune": cfgs.make_pruner("dkdv")},
 )(_dkdv_kernel)
 
 
@@ -235,9 +240,11 @@ def backward(do: Tensor, dlse: Tensor, q: Tensor, k: Tensor, v: Tensor, k_prefix
     scalars, consts = common_meta(q, k_prefix, block_len, causal, softcap, window, scale)
     dq_args = (
         q, k, v, k_prefix, v_prefix, prefix_lens, do, lse, delta, dq,
-        *q.stride(), *k.stride(), *v.stride(), *k_prefix.stride(), *v_prefix.stride(), *do.stride(), *dq.stride(),
+        *q.stride(), *k.stride(), *v.stride(), *k_prefix.stride(), *v_prefix.stride(),
+        *do.stride(), *dq.stride(),
     )
-    launch(_dq_kernel, _dq_tuned, "dq", ns * (hq // hkv), b * hkv, dq_args, scalars, consts, q.dtype, dh, q.device)
+    launch(_dq_kernel, _dq_tuned, "dq", ns * (hq // hkv), b * hkv, dq_args, scalars, consts,
+           q.dtype, dh, q.device)
     dkdv_args = (
         q, k, v, prefix_lens, do, lse, delta, dk, dv,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),

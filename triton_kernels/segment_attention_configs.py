@@ -34,16 +34,16 @@ _CANDIDATES = {
     "fwd": [
         (128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (128, 32, 4, 4),
         (64, 64, 4, 3), (64, 128, 4, 3), (64, 64, 8, 4), (64, 32, 4, 4),
-        (64, 32, 4, 2), (32, 32, 4, 2),
+        (64, 32, 4, 2), (32, 32, 4, 2), (32, 32, 4, 1),
     ],
     "dq": [
         (128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3), (64, 64, 8, 2),
-        (64, 32, 4, 3), (32, 64, 4, 2), (32, 32, 4, 2),
+        (64, 32, 4, 3), (32, 64, 4, 2), (32, 32, 4, 2), (32, 32, 4, 1),
     ],
     # dkdv: BLOCK_N keys are the program's own; BLOCK_M is the query-row step.
     "dkdv": [
         (64, 128, 8, 3), (64, 64, 4, 3), (64, 64, 8, 2), (32, 128, 8, 3),
-        (32, 64, 4, 3), (64, 32, 4, 2), (32, 32, 4, 2),
+        (32, 64, 4, 3), (64, 32, 4, 2), (32, 32, 4, 2), (32, 32, 4, 1),
     ],
 }
 
@@ -77,7 +77,7 @@ def fixed_config(kernel: str, head_dim: int, dtype: torch.dtype) -> tuple[int, i
         return (128, 64, 8, 3) if not wide else (64, 32, 4, 2)
     if kernel == "dq":
         if bd >= 256:
-            return (64, 32, 8, 2) if not wide else (32, 32, 4, 2)
+            return (64, 32, 8, 2) if not wide else (32, 32, 4, 1)
         return (64, 64, 4, 3) if not wide else (64, 32, 4, 2)
     # dkdv: two accumulators (dk, dv) of BLOCK_N x Dh live in registers.
     if bd >= 256:
