@@ -1,0 +1,178 @@
+"""The `cuda` backend of the decode ops: the CUDA C++ kernels of csrc/ through cacheaug_engine._C.
+
+Each op is a ``torch.library.custom_op`` (with a fake implementation, so it traces under
+torch.compile) whose eager body passes raw pointers, element strides and the current
+stream to the pybind11 module. Inputs are used with their own strides (no copies);
+outputs are fresh contiguous tensors. The cuda kernels support float32/float16/bfloat16
+and head dims 64, 128 and 256; other head dims raise (use backend="triton" or "torch").
+Nothing touches CUDA at import time; the extension is imported on first use.
+"""
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .backends import BackendUnavailableError
+
+_DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+HEAD_DIMS = (64, 128, 256)
+
+
+def _ext():
+    try:
+        from . import _C
+    except ImportError as exc:  # pragma: no cover - depends on the build
+        raise BackendUnavailableError(
+            "the CUDA extension cacheaug_engine._C is not built (reinstall with CACHEAUG_BUILD_CUDA=1 and nvcc "
+            f"present): {exc}"
+        ) from exc
+    return _C
+
+
+def _check(q: Tensor, what: str) -> None:
+    if q.dtype not in _DTYPES:
+        raise TypeError(f"{what}: the cuda backend supports float32, float16 and bfloat16, got {q.dtype}")
+    if q.device.type != "cuda":
+        raise ValueError(f"{what}: the cuda backend needs CUDA tensors, got {q.device}")
+    if q.shape[-1] not in HEAD_DIMS:
+        raise ValueError(
+            f"{what}: the cuda backend supports head dims {HEAD_DIMS}, got {q.shape[-1]} "
+            "(backend='triton' or 'torch' take any head dim)"
+        )
+
+
+def _stream(device: torch.device) -> int:
+    return torch.cuda.current_stream(device).cuda_stream
+
+
+def _workspace(nbytes: int, device: torch.device) -> tuple[int, Optional[Tensor]]:
+    if nbytes == 0:
+        return 0, None
+    ws = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    return ws.data_ptr(), ws
+
+
+def _scale(scale: Optional[float], dh: int) -> float:
+    return 1.0 / math.sqrt(dh) if scale is None else float(scale)
+
+
+@torch.library.custom_op("cacheaug_cuda::decode_attention", mutates_args=())
+def _decode_op(
+    q: Tensor, k: Tensor, v: Tensor, lens: Tensor, softcap: Optional[float], window: Optional[int],
+    scale: Optional[float],
+) -> tuple[Tensor, Tensor]:
+    _check(q, "decode_attention")
+    b, hq, dh = q.shape
+    hkv, tmax = k.shape[1], k.shape[2]
+    o = torch.empty((b, hq, dh), dtype=q.dtype, device=q.device)
+    lse = torch.empty((b, hq), dtype=torch.float32, device=q.device)
+    if b * hq == 0:
+        return o, lse
+    C = _ext()
+    with torch.cuda.device(q.device):
+        _, nbytes = C.decode_workspace(b, hq, hkv, tmax, dh, 0)
+        ws_ptr, ws = _workspace(nbytes, q.device)
+        C.decode_attention(
+            _DTYPES[q.dtype], b, hq, hkv, tmax, dh,
+            q.data_ptr(), list(q.stride()), k.data_ptr(), list(k.stride()), v.data_ptr(), list(v.stride()),
+            lens.data_ptr(), lens.dtype == torch.int64, lens.stride(0),
+            o.data_ptr(), list(o.stride()), lse.data_ptr(), list(lse.stride()),
+            _scale(scale, dh), float(softcap or 0.0), int(window or 0), 0, ws_ptr, nbytes, _stream(q.device),
+        )
+    return o, lse
+
+
+@_decode_op.register_fake
+def _(q, k, v, lens, softcap, window, scale):
+    b, hq, dh = q.shape
+    return q.new_empty((b, hq, dh)), q.new_empty((b, hq), dtype=torch.float32)
+
+
+@torch.library.custom_op("cacheaug_cuda::cascade_decode", mutates_args=())
+def _cascade_op(
+    q: Tensor, k_shared: Tensor, v_shared: Tensor, k_suffix: Tensor, v_suffix: Tensor, suffix_lens: Tensor,
+    softcap: Optional[float], window: Optional[int], scale: Optional[float],
+) -> tuple[Tensor, Tensor]:
+    _check(q, "cascade_decode")
+    b, hq, dh = q.shape
+    hkv, t = k_shared.shape[0], k_shared.shape[1]
+    length = k_suffix.shape[2]
+    o = torch.empty((b, hq, dh), dtype=q.dtype, device=q.device)
+    lse = torch.empty((b, hq), dtype=torch.float32, device=q.device)
+    if b * hq == 0:
+        return o, lse
+    C = _ext()
+    with torch.cuda.device(q.device):
+        _, _, nbytes = C.cascade_workspace(b, hq, hkv, t, length, dh, 0)
+        ws_ptr, ws = _workspace(nbytes, q.device)
+        C.cascade_decode(
+            _DTYPES[q.dtype], b, hq, hkv, t, length, dh,
+            q.data_ptr(), list(q.stride()),
+            k_shared.data_ptr(), list(k_shared.stride()), v_shared.data_ptr(), list(v_shared.stride()),
+            k_suffix.data_ptr(), list(k_suffix.stride()), v_suffix.data_ptr(), list(v_suffix.stride()),
+            suffix_lens.data_ptr(), suffix_lens.dtype == torch.int64, suffix_lens.stride(0),
+            o.data_ptr(), list(o.stride()), lse.data_ptr(), list(lse.stride()),
+            _scale(scale, dh), float(softcap or 0.0), int(window or 0), 0, ws_ptr, nbytes, _stream(q.device),
+        )
+    return o, lse
+
+
+@_cascade_op.register_fake
+def _(q, k_shared, v_shared, k_suffix, v_suffix, suffix_lens, softcap, window, scale):
+    b, hq, dh = q.shape
+    return q.new_empty((b, hq, dh)), q.new_empty((b, hq), dtype=torch.float32)
+
+
+@torch.library.custom_op("cacheaug_cuda::merge_states", mutates_args=())
+def _merge_op(o_a: Tensor, lse_a: Tensor, o_b: Tensor, lse_b: Tensor) -> tuple[Tensor, Tensor]:
+    if o_a.dtype not in _DTYPES:
+        raise TypeError(f"merge_states: the cuda backend supports float32, float16 and bfloat16, got {o_a.dtype}")
+    shape = o_a.shape
+    dh = shape[-1]
+    o = torch.empty(shape, dtype=o_a.dtype, device=o_a.device)
+    lse = torch.empty(shape[:-1], dtype=torch.float32, device=o_a.device)
+    n = lse.numel()
+    if n == 0 or dh == 0:
+        return o, torch.logaddexp(lse_a, lse_b).to(torch.float32)
+    oa, ob = o_a.reshape(n, dh), o_b.reshape(n, dh)
+    la, lb = lse_a.reshape(n), lse_b.reshape(n)
+    C = _ext()
+    with torch.cuda.device(o_a.device):
+        C.merge_states(
+            _DTYPES[o_a.dtype], n, dh,
+            oa.data_ptr(), oa.stride(0), oa.stride(1), la.data_ptr(), la.stride(0),
+            ob.data_ptr(), ob.stride(0), ob.stride(1), lb.data_ptr(), lb.stride(0),
+            o.data_ptr(), dh, 1, lse.data_ptr(), 1, _stream(o_a.device),
+        )
+    return o, lse
+
+
+@_merge_op.register_fake
+def _(o_a, lse_a, o_b, lse_b):
+    return torch.empty_like(o_a), lse_a.new_empty(o_a.shape[:-1], dtype=torch.float32)
+
+
+def decode_attention(
+    q: Tensor, k: Tensor, v: Tensor, lens: Tensor, *, softcap: Optional[float] = None,
+    window: Optional[int] = None, scale: Optional[float] = None, return_lse: bool = False,
+):
+    o, lse = _decode_op(q, k, v, lens, softcap, window, scale)
+    return (o, lse) if return_lse else o
+
+
+def cascade_decode(
+    q: Tensor, k_shared: Tensor, v_shared: Tensor, k_suffix: Tensor, v_suffix: Tensor, suffix_lens: Tensor, *,
+    softcap: Optional[float] = None, window: Optional[int] = None, scale: Optional[float] = None,
+    return_lse: bool = False,
+):
+    o, lse = _cascade_op(q, k_shared, v_shared, k_suffix, v_suffix, suffix_lens, softcap, window, scale)
+    return (o, lse) if return_lse else o
+
+
+def merge_states(o_a: Tensor, lse_a: Tensor, o_b: Tensor, lse_b: Tensor) -> tuple[Tensor, Tensor]:
+    return _merge_op(o_a, lse_a, o_b, lse_b)
+
+
+__all__ = ["decode_attention", "cascade_decode", "merge_states", "HEAD_DIMS"]
