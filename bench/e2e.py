@@ -135,7 +135,7 @@ def run_train(ctx: BenchContext, dtype: torch.dtype, smoke: bool = False) -> Non
             note = "one objective call per position (prefill repeated)" if name == "peer:naive_loop" else None
             if name == "default":
                 note = "backend chosen by dispatch (triton on CUDA, torch on the CPU)"
-            with _timer_override(ctx, warmup=1, repeats=3 if not smoke else 2):
+            with _timer_override(ctx, warmup=1, repeats=3 if not smoke else 1):
                 rec = ctx.measure("train_step", name, shape, dtype, prepare, note=note)
             if rec.ms:
                 rec.extra["targets_per_s"] = case["B"] * case["N"] * case["N_A"] / (rec.ms * 1e-3)

@@ -89,7 +89,7 @@ class BenchContext:
         self.timer = timing.Timer(
             self.device,
             warmup=warmup if warmup is not None else (5 if cuda else 1),
-            repeats=repeats if repeats is not None else (20 if cuda else 3),
+            repeats=repeats if repeats is not None else (20 if cuda else (2 if smoke else 5)),
         )
         self.records: list[Record] = []
         self.t_start = time.monotonic()
