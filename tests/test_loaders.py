@@ -158,3 +158,21 @@ def test_wrong_shapes_named(saved, tmp_path: Path) -> None:
     (bad / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match=r"mlp\.\w+_proj\.weight: expected shape"):
         load_decoder(bad)
+
+
+def test_qwen2_sliding_window_layers(tmp_path: Path) -> None:
+    kw = hf_config_kwargs(tiny_config("qwen2"))
+    hc = transformers.Qwen2Config(**kw, use_sliding_window=True, sliding_window=6, max_window_layers=1,
+                                  attn_implementation="eager")
+    torch.manual_seed(2)
+    hf = transformers.Qwen2ForCausalLM(hc).eval()
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            p.copy_(0.05 * torch.randn_like(p) + (1.0 if "norm" in name else 0.0))
+    hf.save_pretrained(tmp_path)
+    m = load_decoder(tmp_path)
+    assert m.cfg.layer_types == ("full", "sliding") and m.cfg.sliding_window == 6
+    ids = _ids(1, 20)
+    with torch.no_grad():
+        ref = hf(ids).logits
+    assert (m(ids) - ref).abs().max() <= TOL

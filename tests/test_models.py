@@ -148,3 +148,12 @@ def test_bf16_runs() -> None:
     ref = tiny_decoder("gemma2")(ids)
     out = m(ids)
     assert out.dtype == torch.float32 and (out - ref).abs().max() < 0.1
+
+
+def test_empty_prefill_then_decode() -> None:
+    m = tiny_decoder("qwen2")
+    ids = _ids(2, 6)
+    logits, cache = m.prefill(ids[:, :0])
+    assert logits.shape == (2, 0, 256) and cache.lens.tolist() == [0, 0]
+    steps = torch.stack([m.decode_step(ids[:, t], cache) for t in range(6)], 1)
+    torch.testing.assert_close(steps, m(ids), atol=TOL, rtol=0)

@@ -241,6 +241,13 @@ class Decoder(nn.Module):
         """
         x = self._input(input_ids, inputs_embeds, "prefill")
         b, t, _ = x.shape
+        if t == 0:  # an empty prompt: empty logits and an empty cache (with the requested capacity)
+            c = self.cfg
+            cache = KVCache.empty(
+                c.num_layers, b, c.num_kv_heads, c.head_dim, capacity or 0, dtype=self.dtype, device=x.device
+            )
+            hidden = self.norm(x)
+            return (self.logits(hidden), cache, hidden) if return_hidden else (self.logits(hidden), cache)
         if positions is None:
             positions = torch.arange(t, device=x.device).expand(b, t)
         ks: list[Tensor] = []
