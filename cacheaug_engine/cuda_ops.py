@@ -9,7 +9,6 @@ Nothing touches CUDA at import time; the extension is imported on first use.
 """
 
 import math
-from typing import Optional
 
 import torch
 from torch import Tensor
@@ -25,7 +24,8 @@ def _ext():
         from . import _C
     except ImportError as exc:  # pragma: no cover - depends on the build
         raise BackendUnavailableError(
-            "the CUDA extension cacheaug_engine._C is not built (reinstall with CACHEAUG_BUILD_CUDA=1 and nvcc "
+            "the CUDA extension cacheaug_engine._C is not built "
+            "(reinstall with CACHEAUG_BUILD_CUDA=1 and nvcc "
             f"present): {exc}"
         ) from exc
     return _C
@@ -47,21 +47,26 @@ def _stream(device: torch.device) -> int:
     return torch.cuda.current_stream(device).cuda_stream
 
 
-def _workspace(nbytes: int, device: torch.device) -> tuple[int, Optional[Tensor]]:
+def _workspace(nbytes: int, device: torch.device) -> tuple[int, Tensor | None]:
     if nbytes == 0:
         return 0, None
     ws = torch.empty(nbytes, dtype=torch.uint8, device=device)
     return ws.data_ptr(), ws
 
 
-def _scale(scale: Optional[float], dh: int) -> float:
+def _scale(scale: float | None, dh: int) -> float:
     return 1.0 / math.sqrt(dh) if scale is None else float(scale)
 
 
 @torch.library.custom_op("cacheaug_cuda::decode_attention", mutates_args=())
 def _decode_op(
-    q: Tensor, k: Tensor, v: Tensor, lens: Tensor, softcap: Optional[float], window: Optional[int],
-    scale: Optional[float],
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    lens: Tensor,
+    softcap: float | None,
+    window: int | None,
+    scale: float | None,
 ) -> tuple[Tensor, Tensor]:
     _check(q, "decode_attention")
     b, hq, dh = q.shape
@@ -75,11 +80,32 @@ def _decode_op(
         _, nbytes = C.decode_workspace(b, hq, hkv, tmax, dh, 0)
         ws_ptr, ws = _workspace(nbytes, q.device)
         C.decode_attention(
-            _DTYPES[q.dtype], b, hq, hkv, tmax, dh,
-            q.data_ptr(), list(q.stride()), k.data_ptr(), list(k.stride()), v.data_ptr(), list(v.stride()),
-            lens.data_ptr(), lens.dtype == torch.int64, lens.stride(0),
-            o.data_ptr(), list(o.stride()), lse.data_ptr(), list(lse.stride()),
-            _scale(scale, dh), float(softcap or 0.0), int(window or 0), 0, ws_ptr, nbytes, _stream(q.device),
+            _DTYPES[q.dtype],
+            b,
+            hq,
+            hkv,
+            tmax,
+            dh,
+            q.data_ptr(),
+            list(q.stride()),
+            k.data_ptr(),
+            list(k.stride()),
+            v.data_ptr(),
+            list(v.stride()),
+            lens.data_ptr(),
+            lens.dtype == torch.int64,
+            lens.stride(0),
+            o.data_ptr(),
+            list(o.stride()),
+            lse.data_ptr(),
+            list(lse.stride()),
+            _scale(scale, dh),
+            float(softcap or 0.0),
+            int(window or 0),
+            0,
+            ws_ptr,
+            nbytes,
+            _stream(q.device),
         )
     return o, lse
 
@@ -92,8 +118,15 @@ def _(q, k, v, lens, softcap, window, scale):
 
 @torch.library.custom_op("cacheaug_cuda::cascade_decode", mutates_args=())
 def _cascade_op(
-    q: Tensor, k_shared: Tensor, v_shared: Tensor, k_suffix: Tensor, v_suffix: Tensor, suffix_lens: Tensor,
-    softcap: Optional[float], window: Optional[int], scale: Optional[float],
+    q: Tensor,
+    k_shared: Tensor,
+    v_shared: Tensor,
+    k_suffix: Tensor,
+    v_suffix: Tensor,
+    suffix_lens: Tensor,
+    softcap: float | None,
+    window: int | None,
+    scale: float | None,
 ) -> tuple[Tensor, Tensor]:
     _check(q, "cascade_decode")
     b, hq, dh = q.shape
@@ -108,13 +141,37 @@ def _cascade_op(
         _, _, nbytes = C.cascade_workspace(b, hq, hkv, t, length, dh, 0)
         ws_ptr, ws = _workspace(nbytes, q.device)
         C.cascade_decode(
-            _DTYPES[q.dtype], b, hq, hkv, t, length, dh,
-            q.data_ptr(), list(q.stride()),
-            k_shared.data_ptr(), list(k_shared.stride()), v_shared.data_ptr(), list(v_shared.stride()),
-            k_suffix.data_ptr(), list(k_suffix.stride()), v_suffix.data_ptr(), list(v_suffix.stride()),
-            suffix_lens.data_ptr(), suffix_lens.dtype == torch.int64, suffix_lens.stride(0),
-            o.data_ptr(), list(o.stride()), lse.data_ptr(), list(lse.stride()),
-            _scale(scale, dh), float(softcap or 0.0), int(window or 0), 0, ws_ptr, nbytes, _stream(q.device),
+            _DTYPES[q.dtype],
+            b,
+            hq,
+            hkv,
+            t,
+            length,
+            dh,
+            q.data_ptr(),
+            list(q.stride()),
+            k_shared.data_ptr(),
+            list(k_shared.stride()),
+            v_shared.data_ptr(),
+            list(v_shared.stride()),
+            k_suffix.data_ptr(),
+            list(k_suffix.stride()),
+            v_suffix.data_ptr(),
+            list(v_suffix.stride()),
+            suffix_lens.data_ptr(),
+            suffix_lens.dtype == torch.int64,
+            suffix_lens.stride(0),
+            o.data_ptr(),
+            list(o.stride()),
+            lse.data_ptr(),
+            list(lse.stride()),
+            _scale(scale, dh),
+            float(softcap or 0.0),
+            int(window or 0),
+            0,
+            ws_ptr,
+            nbytes,
+            _stream(q.device),
         )
     return o, lse
 
@@ -128,7 +185,9 @@ def _(q, k_shared, v_shared, k_suffix, v_suffix, suffix_lens, softcap, window, s
 @torch.library.custom_op("cacheaug_cuda::merge_states", mutates_args=())
 def _merge_op(o_a: Tensor, lse_a: Tensor, o_b: Tensor, lse_b: Tensor) -> tuple[Tensor, Tensor]:
     if o_a.dtype not in _DTYPES:
-        raise TypeError(f"merge_states: the cuda backend supports float32, float16 and bfloat16, got {o_a.dtype}")
+        raise TypeError(
+            f"merge_states: the cuda backend supports float32, float16 and bfloat16, got {o_a.dtype}"
+        )
     shape = o_a.shape
     dh = shape[-1]
     o = torch.empty(shape, dtype=o_a.dtype, device=o_a.device)
@@ -141,10 +200,25 @@ def _merge_op(o_a: Tensor, lse_a: Tensor, o_b: Tensor, lse_b: Tensor) -> tuple[T
     C = _ext()
     with torch.cuda.device(o_a.device):
         C.merge_states(
-            _DTYPES[o_a.dtype], n, dh,
-            oa.data_ptr(), oa.stride(0), oa.stride(1), la.data_ptr(), la.stride(0),
-            ob.data_ptr(), ob.stride(0), ob.stride(1), lb.data_ptr(), lb.stride(0),
-            o.data_ptr(), dh, 1, lse.data_ptr(), 1, _stream(o_a.device),
+            _DTYPES[o_a.dtype],
+            n,
+            dh,
+            oa.data_ptr(),
+            oa.stride(0),
+            oa.stride(1),
+            la.data_ptr(),
+            la.stride(0),
+            ob.data_ptr(),
+            ob.stride(0),
+            ob.stride(1),
+            lb.data_ptr(),
+            lb.stride(0),
+            o.data_ptr(),
+            dh,
+            1,
+            lse.data_ptr(),
+            1,
+            _stream(o_a.device),
         )
     return o, lse
 
@@ -155,16 +229,31 @@ def _(o_a, lse_a, o_b, lse_b):
 
 
 def decode_attention(
-    q: Tensor, k: Tensor, v: Tensor, lens: Tensor, *, softcap: Optional[float] = None,
-    window: Optional[int] = None, scale: Optional[float] = None, return_lse: bool = False,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    lens: Tensor,
+    *,
+    softcap: float | None = None,
+    window: int | None = None,
+    scale: float | None = None,
+    return_lse: bool = False,
 ):
     o, lse = _decode_op(q, k, v, lens, softcap, window, scale)
     return (o, lse) if return_lse else o
 
 
 def cascade_decode(
-    q: Tensor, k_shared: Tensor, v_shared: Tensor, k_suffix: Tensor, v_suffix: Tensor, suffix_lens: Tensor, *,
-    softcap: Optional[float] = None, window: Optional[int] = None, scale: Optional[float] = None,
+    q: Tensor,
+    k_shared: Tensor,
+    v_shared: Tensor,
+    k_suffix: Tensor,
+    v_suffix: Tensor,
+    suffix_lens: Tensor,
+    *,
+    softcap: float | None = None,
+    window: int | None = None,
+    scale: float | None = None,
     return_lse: bool = False,
 ):
     o, lse = _cascade_op(q, k_shared, v_shared, k_suffix, v_suffix, suffix_lens, softcap, window, scale)

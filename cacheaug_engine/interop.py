@@ -49,8 +49,12 @@ class _DLDataType(ctypes.Structure):
 
 class _DLTensor(ctypes.Structure):
     _fields_ = [
-        ("data", ctypes.c_void_p), ("device", _DLDevice), ("ndim", ctypes.c_int32), ("dtype", _DLDataType),
-        ("shape", ctypes.POINTER(ctypes.c_int64)), ("strides", ctypes.POINTER(ctypes.c_int64)),
+        ("data", ctypes.c_void_p),
+        ("device", _DLDevice),
+        ("ndim", ctypes.c_int32),
+        ("dtype", _DLDataType),
+        ("shape", ctypes.POINTER(ctypes.c_int64)),
+        ("strides", ctypes.POINTER(ctypes.c_int64)),
         ("byte_offset", ctypes.c_uint64),
     ]
 
@@ -104,7 +108,9 @@ def as_array(obj, name: str = "array", *, require_cuda: bool = True) -> Array:
         return Array(int(cai["data"][0]), shape, strides, dtype, keepalive=obj)
     if hasattr(obj, "__dlpack__"):  # e.g. bfloat16, which __cuda_array_interface__ cannot describe
         return _from_dlpack(obj, name, require_cuda)
-    raise TypeError(f"{name}: expected a CUDA array (CuPy, __cuda_array_interface__ or DLPack), got {type(obj).__name__}")
+    raise TypeError(
+        f"{name}: expected a CUDA array (CuPy, __cuda_array_interface__ or DLPack), got {type(obj).__name__}"
+    )
 
 
 def _ext():
@@ -150,7 +156,7 @@ def _float_group(names, arrays):
     first = arrays[0]
     if first.dtype not in _FLOAT_CODES:
         raise TypeError(f"{names[0]}: expected float32, float16 or bfloat16, got {first.dtype}")
-    for n, a in zip(names[1:], arrays[1:]):
+    for n, a in zip(names[1:], arrays[1:], strict=True):
         if a.dtype != first.dtype:
             raise TypeError(f"{n}: expected dtype {first.dtype} (same as {names[0]}), got {a.dtype}")
 
@@ -170,8 +176,10 @@ def _outputs(like, shape, dtype, out, lse_out):
     lse = lse_out if lse_out is not None else _empty(like, shape[:-1], "float32")
     oa, la = as_array(o, "out"), as_array(lse, "lse_out")
     if oa.shape != shape or oa.dtype != dtype or la.shape != shape[:-1] or la.dtype != "float32":
-        raise ValueError(f"out/lse_out: expected {dtype}{shape} and float32{shape[:-1]}, got {oa.dtype}{oa.shape}, "
-                         f"{la.dtype}{la.shape}")
+        raise ValueError(
+            f"out/lse_out: expected {dtype}{shape} and float32{shape[:-1]}, got {oa.dtype}{oa.shape}, "
+            f"{la.dtype}{la.shape}"
+        )
     return o, lse, oa, la
 
 
@@ -185,8 +193,20 @@ def _ws(like, nbytes: int, workspace):
     return wa.ptr, buf
 
 
-def decode_attention(q, k, v, lens, *, softcap=None, window=None, scale=None, out=None, lse_out=None,
-                     workspace=None, stream=None):
+def decode_attention(
+    q,
+    k,
+    v,
+    lens,
+    *,
+    softcap=None,
+    window=None,
+    scale=None,
+    out=None,
+    lse_out=None,
+    workspace=None,
+    stream=None,
+):
     """q [B,Hq,Dh], k/v [B,Hkv,Tmax,Dh], lens [B] -> (o [B,Hq,Dh], lse fp32 [B,Hq])."""
     A = [as_array(x, n) for x, n in ((q, "q"), (k, "k"), (v, "v"), (lens, "lens"))]
     _ndim("q", A[0], 3, "[B, Hq, Dh]")
@@ -196,35 +216,88 @@ def decode_attention(q, k, v, lens, *, softcap=None, window=None, scale=None, ou
     b, hq, dh = A[0].shape
     _, hkv, tmax, _ = A[1].shape
     if A[2].shape != A[1].shape or A[1].shape[0] != b or A[1].shape[3] != dh or hq % hkv:
-        raise ValueError(f"k/v: expected [B={b}, Hkv | Hq={hq}, Tmax, Dh={dh}], got {A[1].shape}, {A[2].shape}")
+        raise ValueError(
+            f"k/v: expected [B={b}, Hkv | Hq={hq}, Tmax, Dh={dh}], got {A[1].shape}, {A[2].shape}"
+        )
     _lens("lens", A[3], b)
     C = _ext()
     o, lse, oa, la = _outputs(q, (b, hq, dh), A[0].dtype, out, lse_out)
     _, nbytes = C.decode_workspace(b, hq, hkv, tmax, dh, 0)
     ws_ptr, _keep = _ws(q, nbytes, workspace)
     C.decode_attention(
-        _FLOAT_CODES[A[0].dtype], b, hq, hkv, tmax, dh, A[0].ptr, list(A[0].strides), A[1].ptr, list(A[1].strides),
-        A[2].ptr, list(A[2].strides), A[3].ptr, A[3].dtype == "int64", A[3].strides[0], oa.ptr, list(oa.strides),
-        la.ptr, list(la.strides), 1.0 / math.sqrt(dh) if scale is None else float(scale), float(softcap or 0.0),
-        int(window or 0), 0, ws_ptr, nbytes, _default_stream(q, stream),
+        _FLOAT_CODES[A[0].dtype],
+        b,
+        hq,
+        hkv,
+        tmax,
+        dh,
+        A[0].ptr,
+        list(A[0].strides),
+        A[1].ptr,
+        list(A[1].strides),
+        A[2].ptr,
+        list(A[2].strides),
+        A[3].ptr,
+        A[3].dtype == "int64",
+        A[3].strides[0],
+        oa.ptr,
+        list(oa.strides),
+        la.ptr,
+        list(la.strides),
+        1.0 / math.sqrt(dh) if scale is None else float(scale),
+        float(softcap or 0.0),
+        int(window or 0),
+        0,
+        ws_ptr,
+        nbytes,
+        _default_stream(q, stream),
     )
     return o, lse
 
 
-def cascade_decode(q, k_shared, v_shared, k_suffix, v_suffix, suffix_lens, *, softcap=None, window=None, scale=None,
-                   out=None, lse_out=None, workspace=None, stream=None):
+def cascade_decode(
+    q,
+    k_shared,
+    v_shared,
+    k_suffix,
+    v_suffix,
+    suffix_lens,
+    *,
+    softcap=None,
+    window=None,
+    scale=None,
+    out=None,
+    lse_out=None,
+    workspace=None,
+    stream=None,
+):
     """q [B,Hq,Dh], shared [Hkv,T,Dh], suffix [B,Hkv,L,Dh], suffix_lens [B] -> (o, lse)."""
     names = ("q", "k_shared", "v_shared", "k_suffix", "v_suffix", "suffix_lens")
-    A = [as_array(x, n) for x, n in zip((q, k_shared, v_shared, k_suffix, v_suffix, suffix_lens), names)]
-    for i, (nd, lay) in enumerate(((3, "[B, Hq, Dh]"), (3, "[Hkv, T, Dh]"), (3, "[Hkv, T, Dh]"),
-                                   (4, "[B, Hkv, L, Dh]"), (4, "[B, Hkv, L, Dh]"))):
+    A = [
+        as_array(x, n)
+        for x, n in zip((q, k_shared, v_shared, k_suffix, v_suffix, suffix_lens), names, strict=True)
+    ]
+    for i, (nd, lay) in enumerate(
+        (
+            (3, "[B, Hq, Dh]"),
+            (3, "[Hkv, T, Dh]"),
+            (3, "[Hkv, T, Dh]"),
+            (4, "[B, Hkv, L, Dh]"),
+            (4, "[B, Hkv, L, Dh]"),
+        )
+    ):
         _ndim(names[i], A[i], nd, lay)
     _float_group(list(names[:5]), A[:5])
     b, hq, dh = A[0].shape
     hkv, t, _ = A[1].shape
     length = A[3].shape[2]
-    if A[2].shape != A[1].shape or A[1].shape[2] != dh or hq % hkv or A[3].shape != (b, hkv, length, dh) \
-            or A[4].shape != A[3].shape:
+    if (
+        A[2].shape != A[1].shape
+        or A[1].shape[2] != dh
+        or hq % hkv
+        or A[3].shape != (b, hkv, length, dh)
+        or A[4].shape != A[3].shape
+    ):
         raise ValueError(f"shapes do not match q {A[0].shape}: shared {A[1].shape}, suffix {A[3].shape}")
     _lens("suffix_lens", A[5], b)
     C = _ext()
@@ -232,11 +305,37 @@ def cascade_decode(q, k_shared, v_shared, k_suffix, v_suffix, suffix_lens, *, so
     _, _, nbytes = C.cascade_workspace(b, hq, hkv, t, length, dh, 0)
     ws_ptr, _keep = _ws(q, nbytes, workspace)
     C.cascade_decode(
-        _FLOAT_CODES[A[0].dtype], b, hq, hkv, t, length, dh, A[0].ptr, list(A[0].strides), A[1].ptr,
-        list(A[1].strides), A[2].ptr, list(A[2].strides), A[3].ptr, list(A[3].strides), A[4].ptr, list(A[4].strides),
-        A[5].ptr, A[5].dtype == "int64", A[5].strides[0], oa.ptr, list(oa.strides), la.ptr, list(la.strides),
-        1.0 / math.sqrt(dh) if scale is None else float(scale), float(softcap or 0.0), int(window or 0), 0, ws_ptr,
-        nbytes, _default_stream(q, stream),
+        _FLOAT_CODES[A[0].dtype],
+        b,
+        hq,
+        hkv,
+        t,
+        length,
+        dh,
+        A[0].ptr,
+        list(A[0].strides),
+        A[1].ptr,
+        list(A[1].strides),
+        A[2].ptr,
+        list(A[2].strides),
+        A[3].ptr,
+        list(A[3].strides),
+        A[4].ptr,
+        list(A[4].strides),
+        A[5].ptr,
+        A[5].dtype == "int64",
+        A[5].strides[0],
+        oa.ptr,
+        list(oa.strides),
+        la.ptr,
+        list(la.strides),
+        1.0 / math.sqrt(dh) if scale is None else float(scale),
+        float(softcap or 0.0),
+        int(window or 0),
+        0,
+        ws_ptr,
+        nbytes,
+        _default_stream(q, stream),
     )
     return o, lse
 
@@ -254,9 +353,25 @@ def merge_states(o_a, lse_a, o_b, lse_b, *, out=None, lse_out=None, stream=None)
             raise ValueError(f"{name}: expected float32 ({n},), got {la.dtype} {la.shape}")
     o, lse, oa, la = _outputs(o_a, (n, dh), A[0].dtype, out, lse_out)
     _ext().merge_states(
-        _FLOAT_CODES[A[0].dtype], n, dh, A[0].ptr, A[0].strides[0], A[0].strides[1], A[1].ptr, A[1].strides[0],
-        A[2].ptr, A[2].strides[0], A[2].strides[1], A[3].ptr, A[3].strides[0], oa.ptr, oa.strides[0], oa.strides[1],
-        la.ptr, la.strides[0], _default_stream(o_a, stream),
+        _FLOAT_CODES[A[0].dtype],
+        n,
+        dh,
+        A[0].ptr,
+        A[0].strides[0],
+        A[0].strides[1],
+        A[1].ptr,
+        A[1].strides[0],
+        A[2].ptr,
+        A[2].strides[0],
+        A[2].strides[1],
+        A[3].ptr,
+        A[3].strides[0],
+        oa.ptr,
+        oa.strides[0],
+        oa.strides[1],
+        la.ptr,
+        la.strides[0],
+        _default_stream(o_a, stream),
     )
     return o, lse
 
@@ -269,5 +384,12 @@ def cascade_workspace_bytes(b: int, hq: int, hkv: int, t: int, length: int, dh: 
     return _ext().cascade_workspace(b, hq, hkv, t, length, dh, 0)[2]
 
 
-__all__ = ["as_array", "Array", "decode_attention", "cascade_decode", "merge_states", "decode_workspace_bytes",
-           "cascade_workspace_bytes"]
+__all__ = [
+    "as_array",
+    "Array",
+    "decode_attention",
+    "cascade_decode",
+    "merge_states",
+    "decode_workspace_bytes",
+    "cascade_workspace_bytes",
+]

@@ -24,7 +24,9 @@ def _load_ext():
         pytest.skip(f"cacheaug_engine._C was not built (install with CACHEAUG_BUILD_CUDA=1): {exc}")
 
 
-no_gpu = pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is present: covered by test_decode_cuda")
+no_gpu = pytest.mark.skipif(
+    torch.cuda.is_available(), reason="a CUDA device is present: covered by test_decode_cuda"
+)
 
 
 def test_extension_imports_and_describes_itself():
@@ -33,8 +35,14 @@ def test_extension_imports_and_describes_itself():
     assert tuple(C.HEAD_DIMS) == (64, 128, 256)
     assert (C.FLOAT32, C.FLOAT16, C.BFLOAT16) == (0, 1, 2)
     assert issubclass(C.NoCudaDeviceError, RuntimeError)
-    for name in ("check_device", "decode_workspace", "cascade_workspace", "decode_attention", "cascade_decode",
-                 "merge_states"):
+    for name in (
+        "check_device",
+        "decode_workspace",
+        "cascade_workspace",
+        "decode_attention",
+        "cascade_decode",
+        "merge_states",
+    ):
         assert callable(getattr(C, name))
 
 
@@ -46,12 +54,68 @@ def test_calls_without_gpu_raise_no_cuda_device():
     with pytest.raises(C.NoCudaDeviceError, match="no CUDA device"):
         C.decode_workspace(1, 8, 2, 128, 128)
     with pytest.raises(C.NoCudaDeviceError, match="no CUDA device"):
-        C.decode_attention(2, 1, 8, 2, 16, 128, 0, [1024, 128, 1], 0, [4096, 2048, 128, 1], 0,
-                           [4096, 2048, 128, 1], 0, False, 1, 0, [1024, 128, 1], 0, [], 0.1, 0.0, 0, 0, 0, 0, 0)
+        C.decode_attention(
+            2,
+            1,
+            8,
+            2,
+            16,
+            128,
+            0,
+            [1024, 128, 1],
+            0,
+            [4096, 2048, 128, 1],
+            0,
+            [4096, 2048, 128, 1],
+            0,
+            False,
+            1,
+            0,
+            [1024, 128, 1],
+            0,
+            [],
+            0.1,
+            0.0,
+            0,
+            0,
+            0,
+            0,
+            0,
+        )
     with pytest.raises(C.NoCudaDeviceError, match="no CUDA device"):
-        C.cascade_decode(2, 1, 8, 2, 16, 4, 128, 0, [1024, 128, 1], 0, [2048, 128, 1], 0, [2048, 128, 1],
-                         0, [1024, 512, 128, 1], 0, [1024, 512, 128, 1], 0, False, 1, 0, [1024, 128, 1], 0, [],
-                         0.1, 0.0, 0, 0, 0, 0, 0)
+        C.cascade_decode(
+            2,
+            1,
+            8,
+            2,
+            16,
+            4,
+            128,
+            0,
+            [1024, 128, 1],
+            0,
+            [2048, 128, 1],
+            0,
+            [2048, 128, 1],
+            0,
+            [1024, 512, 128, 1],
+            0,
+            [1024, 512, 128, 1],
+            0,
+            False,
+            1,
+            0,
+            [1024, 128, 1],
+            0,
+            [],
+            0.1,
+            0.0,
+            0,
+            0,
+            0,
+            0,
+            0,
+        )
     with pytest.raises(C.NoCudaDeviceError, match="no CUDA device"):
         C.merge_states(2, 4, 128, 0, 128, 1, 0, 1, 0, 128, 1, 0, 1, 0, 128, 1, 0, 1, 0)
 
@@ -60,8 +124,34 @@ def test_calls_without_gpu_raise_no_cuda_device():
 def test_bad_stride_list_is_a_value_error():
     C = _load_ext()
     with pytest.raises((ValueError, C.NoCudaDeviceError)):
-        C.decode_attention(2, 1, 8, 2, 16, 128, 0, [1, 1], 0, [1, 1, 1, 1], 0, [1, 1, 1, 1], 0, False, 1, 0,
-                           [1, 1, 1], 0, [], 0.1, 0.0, 0, 0, 0, 0, 0)
+        C.decode_attention(
+            2,
+            1,
+            8,
+            2,
+            16,
+            128,
+            0,
+            [1, 1],
+            0,
+            [1, 1, 1, 1],
+            0,
+            [1, 1, 1, 1],
+            0,
+            False,
+            1,
+            0,
+            [1, 1, 1],
+            0,
+            [],
+            0.1,
+            0.0,
+            0,
+            0,
+            0,
+            0,
+            0,
+        )
 
 
 @no_gpu
@@ -106,8 +196,13 @@ def test_interop_parses_dlpack_and_cuda_array_interface():
     assert a.ptr == view.data_ptr()
 
     class FakeCai:  # a producer that only speaks __cuda_array_interface__ (byte strides)
-        __cuda_array_interface__ = {"shape": (3, 5), "typestr": "<f2", "data": (1234, False),
-                                    "strides": (20, 4), "version": 3}
+        __cuda_array_interface__ = {
+            "shape": (3, 5),
+            "typestr": "<f2",
+            "data": (1234, False),
+            "strides": (20, 4),
+            "version": 3,
+        }
 
     c = interop.as_array(FakeCai())
     assert (c.ptr, c.shape, c.strides, c.dtype) == (1234, (3, 5), (10, 2), "float16")

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 import os
-from functools import lru_cache
+from functools import cache
 
 import torch
 import triton
@@ -45,15 +45,48 @@ def _tanh(x):
 
 @triton.jit
 def _partial_kernel(
-    Q, K, V, LENS, PO, PL,
-    sqb, sqh, sqd,
-    skb, skh, skt, skd,
-    svb, svh, svt, svd,
-    spb, sph, sps, spd,
-    slb, slh, sls,
-    B, HKV, SEG_T, CHUNK, SPLIT_OFF, QBASE, POS_OFF, WINDOW, scale, softcap,
-    LENS_IS_SEG: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-    G: tl.constexpr, BB: tl.constexpr, R: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
+    Q,
+    K,
+    V,
+    LENS,
+    PO,
+    PL,
+    sqb,
+    sqh,
+    sqd,
+    skb,
+    skh,
+    skt,
+    skd,
+    svb,
+    svh,
+    svt,
+    svd,
+    spb,
+    sph,
+    sps,
+    spd,
+    slb,
+    slh,
+    sls,
+    B,
+    HKV,
+    SEG_T,
+    CHUNK,
+    SPLIT_OFF,
+    QBASE,
+    POS_OFF,
+    WINDOW,
+    scale,
+    softcap,
+    LENS_IS_SEG: tl.constexpr,
+    HAS_WINDOW: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    G: tl.constexpr,
+    BB: tl.constexpr,
+    R: tl.constexpr,
+    D: tl.constexpr,
+    DP: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
     """Rows = BB requests x G heads of KV head `hkv`; keys = chunk `split` of the segment.
@@ -89,7 +122,8 @@ def _partial_kernel(
     dmask = d < D
     q = tl.load(
         Q + rb[:, None] * sqb + hq[:, None] * sqh + d[None, :] * sqd,
-        mask=row_ok[:, None] & dmask[None, :], other=0.0,
+        mask=row_ok[:, None] & dmask[None, :],
+        other=0.0,
     ).to(tl.float32)
     kbase = K + b0.to(tl.int64) * skb + hkv.to(tl.int64) * skh
     vbase = V + b0.to(tl.int64) * svb + hkv.to(tl.int64) * svh
@@ -124,18 +158,35 @@ def _partial_kernel(
     slot = SPLIT_OFF + split
     tl.store(PL + rb * slb + hq * slh + slot * sls, lse, mask=row_ok)
     tl.store(
-        PO + rb[:, None] * spb + hq[:, None] * sph + slot * sps + d[None, :] * spd, o,
+        PO + rb[:, None] * spb + hq[:, None] * sph + slot * sps + d[None, :] * spd,
+        o,
         mask=row_ok[:, None] & dmask[None, :],
     )
 
 
 @triton.jit
 def _reduce_kernel(
-    PO, PL, O, LSE,
-    spb, sph, sps, spd, slb, slh, sls,
-    sob, soh, sod, seb, seh,
-    HQ, NS,
-    D: tl.constexpr, DP: tl.constexpr, SB: tl.constexpr,
+    PO,
+    PL,
+    O,
+    LSE,
+    spb,
+    sph,
+    sps,
+    spd,
+    slb,
+    slh,
+    sls,
+    sob,
+    soh,
+    sod,
+    seb,
+    seh,
+    HQ,
+    NS,
+    D: tl.constexpr,
+    DP: tl.constexpr,
+    SB: tl.constexpr,
 ):
     """Exact merge of NS partial states of row (b, h): o = sum_s w_s o_s, w_s = exp(lse_s - lse)."""
     pid = tl.program_id(0)
@@ -161,7 +212,8 @@ def _reduce_kernel(
         w = tl.exp(ls - mx_safe)
         po = tl.load(
             PO + b * spb + h * sph + s[:, None] * sps + d[None, :] * spd,
-            mask=smask[:, None] & dmask[None, :], other=0.0,
+            mask=smask[:, None] & dmask[None, :],
+            other=0.0,
         )
         wsum += w
         acc += tl.sum(w[:, None] * po, axis=0)
@@ -175,9 +227,24 @@ def _reduce_kernel(
 
 @triton.jit
 def _merge_kernel(
-    OA, LA, OB, LB, O, L, N, D,
-    soa, sda, sla, sob, sdb, slb, so, sd,
-    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+    OA,
+    LA,
+    OB,
+    LB,
+    O,
+    L,
+    N,
+    D,
+    soa,
+    sda,
+    sla,
+    sob,
+    sdb,
+    slb,
+    so,
+    sd,
+    BLOCK_R: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     pid = tl.program_id(0)
     r = pid * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -207,7 +274,7 @@ def _merge_kernel(
 # ----------------------------------------------------------------------------- host side
 
 
-@lru_cache(maxsize=None)
+@cache
 def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
@@ -244,9 +311,25 @@ def _block_n(rows_p2: int, dp: int) -> int:
 
 
 def _launch_partial(
-    q: Tensor, k: Tensor, v: Tensor, lens: Tensor, po: Tensor, pl: Tensor, *, shared: bool,
-    seg_t: int, split_off: int, splits: int, chunk: int, qbase: int, pos_off: int, lens_is_seg: bool,
-    scale: float, softcap: float | None, window: int | None, bb: int,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    lens: Tensor,
+    po: Tensor,
+    pl: Tensor,
+    *,
+    shared: bool,
+    seg_t: int,
+    split_off: int,
+    splits: int,
+    chunk: int,
+    qbase: int,
+    pos_off: int,
+    lens_is_seg: bool,
+    scale: float,
+    softcap: float | None,
+    window: int | None,
+    bb: int,
 ) -> None:
     b, hq, dh = q.shape
     hkv = k.shape[-3]
@@ -257,15 +340,49 @@ def _launch_partial(
     svb = 0 if shared else v.stride(0)
     grid = (triton.cdiv(b, bb) * hkv, splits)
     _partial_kernel[grid](
-        q, k, v, lens, po, pl,
-        q.stride(0), q.stride(1), q.stride(2),
-        skb, k.stride(-3), k.stride(-2), k.stride(-1),
-        svb, v.stride(-3), v.stride(-2), v.stride(-1),
-        po.stride(0), po.stride(1), po.stride(2), po.stride(3),
-        pl.stride(0), pl.stride(1), pl.stride(2),
-        b, hkv, seg_t, chunk, split_off, qbase, pos_off, window or 0, scale, softcap or 1.0,
-        LENS_IS_SEG=lens_is_seg, HAS_WINDOW=window is not None, HAS_SOFTCAP=softcap is not None,
-        G=g, BB=bb, R=r, D=dh, DP=dp, BLOCK_N=_block_n(r, dp),
+        q,
+        k,
+        v,
+        lens,
+        po,
+        pl,
+        q.stride(0),
+        q.stride(1),
+        q.stride(2),
+        skb,
+        k.stride(-3),
+        k.stride(-2),
+        k.stride(-1),
+        svb,
+        v.stride(-3),
+        v.stride(-2),
+        v.stride(-1),
+        po.stride(0),
+        po.stride(1),
+        po.stride(2),
+        po.stride(3),
+        pl.stride(0),
+        pl.stride(1),
+        pl.stride(2),
+        b,
+        hkv,
+        seg_t,
+        chunk,
+        split_off,
+        qbase,
+        pos_off,
+        window or 0,
+        scale,
+        softcap or 1.0,
+        LENS_IS_SEG=lens_is_seg,
+        HAS_WINDOW=window is not None,
+        HAS_SOFTCAP=softcap is not None,
+        G=g,
+        BB=bb,
+        R=r,
+        D=dh,
+        DP=dp,
+        BLOCK_N=_block_n(r, dp),
     )
 
 
@@ -275,8 +392,19 @@ def _reduce(po: Tensor, pl: Tensor, out_dtype: torch.dtype) -> tuple[Tensor, Ten
     lse = torch.empty((b, hq), dtype=torch.float32, device=po.device)
     if b * hq:
         _reduce_kernel[(b * hq,)](
-            po, pl, o, lse, *po.stride(), *pl.stride(), *o.stride(), *lse.stride(), hq, ns,
-            D=dh, DP=triton.next_power_of_2(dh), SB=16,
+            po,
+            pl,
+            o,
+            lse,
+            *po.stride(),
+            *pl.stride(),
+            *o.stride(),
+            *lse.stride(),
+            hq,
+            ns,
+            D=dh,
+            DP=triton.next_power_of_2(dh),
+            SB=16,
         )
     return o.to(out_dtype), lse
 
@@ -289,8 +417,15 @@ def _chunking(tmax: int, n_programs: int, device: torch.device, splits: int | No
 
 
 def decode_attention_impl(
-    q: Tensor, k: Tensor, v: Tensor, lens: Tensor, *, softcap: float | None = None,
-    window: int | None = None, scale: float | None = None, splits: int | None = None,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    lens: Tensor,
+    *,
+    softcap: float | None = None,
+    window: int | None = None,
+    scale: float | None = None,
+    splits: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Split-KV decode; `splits` overrides the heuristic (tests use it)."""
     _check_dtype(q)
@@ -303,16 +438,41 @@ def decode_attention_impl(
     if b * hq == 0:
         return torch.empty_like(q), torch.empty((b, hq), dtype=torch.float32, device=q.device)
     _launch_partial(
-        q, k, v, lens, po, pl, shared=False, seg_t=tmax, split_off=0, splits=ns, chunk=chunk, qbase=0,
-        pos_off=0, lens_is_seg=True, scale=scale, softcap=softcap, window=window, bb=1,
+        q,
+        k,
+        v,
+        lens,
+        po,
+        pl,
+        shared=False,
+        seg_t=tmax,
+        split_off=0,
+        splits=ns,
+        chunk=chunk,
+        qbase=0,
+        pos_off=0,
+        lens_is_seg=True,
+        scale=scale,
+        softcap=softcap,
+        window=window,
+        bb=1,
     )
     return _reduce(po, pl, q.dtype)
 
 
 def cascade_decode_impl(
-    q: Tensor, k_shared: Tensor, v_shared: Tensor, k_suffix: Tensor, v_suffix: Tensor,
-    suffix_lens: Tensor, *, softcap: float | None = None, window: int | None = None,
-    scale: float | None = None, splits: int | None = None, requests_per_program: int | None = None,
+    q: Tensor,
+    k_shared: Tensor,
+    v_shared: Tensor,
+    k_suffix: Tensor,
+    v_suffix: Tensor,
+    suffix_lens: Tensor,
+    *,
+    softcap: float | None = None,
+    window: int | None = None,
+    scale: float | None = None,
+    splits: int | None = None,
+    requests_per_program: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Shared prefix (each K/V block loaded once for a tile of requests) + suffix + merge."""
     _check_dtype(q)
@@ -334,13 +494,39 @@ def cascade_decode_impl(
     common = dict(scale=scale, softcap=softcap, window=window, qbase=t)
     if ns_a:
         _launch_partial(
-            q, k_shared, v_shared, suffix_lens, po, pl, shared=True, seg_t=t, split_off=0, splits=ns_a,
-            chunk=chunk_a, pos_off=0, lens_is_seg=False, bb=bb, **common,
+            q,
+            k_shared,
+            v_shared,
+            suffix_lens,
+            po,
+            pl,
+            shared=True,
+            seg_t=t,
+            split_off=0,
+            splits=ns_a,
+            chunk=chunk_a,
+            pos_off=0,
+            lens_is_seg=False,
+            bb=bb,
+            **common,
         )
     if ns_b:
         _launch_partial(
-            q, k_suffix, v_suffix, suffix_lens, po, pl, shared=False, seg_t=length, split_off=ns_a,
-            splits=ns_b, chunk=chunk_b, pos_off=t, lens_is_seg=True, bb=1, **common,
+            q,
+            k_suffix,
+            v_suffix,
+            suffix_lens,
+            po,
+            pl,
+            shared=False,
+            seg_t=length,
+            split_off=ns_a,
+            splits=ns_b,
+            chunk=chunk_b,
+            pos_off=t,
+            lens_is_seg=True,
+            bb=1,
+            **common,
         )
     return _reduce(po, pl, q.dtype)
 
@@ -357,25 +543,55 @@ def merge_states(o_a: Tensor, lse_a: Tensor, o_b: Tensor, lse_b: Tensor) -> tupl
     if n and dh:
         block_r = 16
         _merge_kernel[(triton.cdiv(n, block_r),)](
-            oa, la, ob, lb, o, lse, n, dh, oa.stride(0), oa.stride(1), la.stride(0), ob.stride(0),
-            ob.stride(1), lb.stride(0), o.stride(0), o.stride(1),
-            BLOCK_R=block_r, BLOCK_D=min(128, triton.next_power_of_2(dh)),
+            oa,
+            la,
+            ob,
+            lb,
+            o,
+            lse,
+            n,
+            dh,
+            oa.stride(0),
+            oa.stride(1),
+            la.stride(0),
+            ob.stride(0),
+            ob.stride(1),
+            lb.stride(0),
+            o.stride(0),
+            o.stride(1),
+            BLOCK_R=block_r,
+            BLOCK_D=min(128, triton.next_power_of_2(dh)),
         )
     return o.to(o_a.dtype).reshape(shape), lse.reshape(shape[:-1])
 
 
 def decode_attention(
-    q: Tensor, k: Tensor, v: Tensor, lens: Tensor, *, softcap: float | None = None,
-    window: int | None = None, scale: float | None = None, return_lse: bool = False,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    lens: Tensor,
+    *,
+    softcap: float | None = None,
+    window: int | None = None,
+    scale: float | None = None,
+    return_lse: bool = False,
 ) -> Tensor | tuple[Tensor, Tensor]:
     o, lse = decode_attention_impl(q, k, v, lens, softcap=softcap, window=window, scale=scale)
     return (o, lse) if return_lse else o
 
 
 def cascade_decode(
-    q: Tensor, k_shared: Tensor, v_shared: Tensor, k_suffix: Tensor, v_suffix: Tensor,
-    suffix_lens: Tensor, *, softcap: float | None = None, window: int | None = None,
-    scale: float | None = None, return_lse: bool = False,
+    q: Tensor,
+    k_shared: Tensor,
+    v_shared: Tensor,
+    k_suffix: Tensor,
+    v_suffix: Tensor,
+    suffix_lens: Tensor,
+    *,
+    softcap: float | None = None,
+    window: int | None = None,
+    scale: float | None = None,
+    return_lse: bool = False,
 ) -> Tensor | tuple[Tensor, Tensor]:
     o, lse = cascade_decode_impl(
         q, k_shared, v_shared, k_suffix, v_suffix, suffix_lens, softcap=softcap, window=window, scale=scale
