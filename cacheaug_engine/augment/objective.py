@@ -126,16 +126,17 @@ class CacheAugmentationObjective(nn.Module):
         n, na, nl, s = positions.shape[1], self.ahead, lay.num_latents, lay.block_len
         dec = self.decoder
         with torch.no_grad():
-            out = dec.prefill(input_ids, return_hidden=True)
-            cache, hidden_base = out[1], out[2]
+            logits_base, cache = dec.prefill(input_ids)[:2]
             if baseline:
                 rows = lay.baseline_idx.reshape(b, n * na)
-                hb = torch.gather(hidden_base, 1, rows.unsqueeze(-1).expand(-1, -1, hidden_base.shape[-1]))
                 tb = torch.gather(input_ids, 1, lay.target_idx.reshape(b, n * na))
-                ce_base = _chunked_ce(dec, hb.reshape(b * n * na, -1), tb.reshape(-1)).view(b, n, na)
+                lb = torch.gather(logits_base, 1, rows.unsqueeze(-1).expand(-1, -1, logits_base.shape[-1]))
+                ce_base = F.cross_entropy(lb.flatten(0, 1).float(), tb.reshape(-1), reduction="none").view(
+                    b, n, na
+                )
             else:
                 ce_base = torch.full((b, n, na), float("nan"))
-            del out, hidden_base
+            del logits_base
         latents = self._run(self.coprocessor, cache, lay)  # [B, N, N_L, d]
         tok_ids = torch.gather(input_ids, 1, lay.token_idx.reshape(b, -1)).view(b, n, -1)
         tok_emb = dec.embed(tok_ids.reshape(b, -1)).view(b, n, s - nl, -1)

@@ -1,0 +1,265 @@
+"""Augmented generation: prompt -> prefill -> coprocessor latents appended to the cache -> decode.
+
+* ``augment(decoder, coprocessor, prompt_ids)`` prefills the prompt and computes its latents
+  (optionally on a separate CUDA stream: the returned :class:`AugmentHandle` makes the
+  decoding stream wait for them at first use).
+* ``generate(...)`` appends the latents (or nothing, for the plain decoder) and decodes
+  greedily or by sampling. ``num_samples=n`` decodes n continuations of one augmented
+  prompt with ``ops.cascade_decode``: the prompt+latents cache is shared, read in place
+  ([Hkv, T, Dh] views of the prefill cache, never copied), each sample has its own suffix.
+* ``save_latents`` / ``load_latents``: latents for a prompt computed once, stored in
+  safetensors with the prompt's token ids, and reused (the paper's offline mode).
+
+Placement "early" (see augment.layout): the cache holds the prompt minus its last token,
+the latents go after it, and the last prompt token is decoded after the latents.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor
+
+from . import ops
+from .augment.coprocessor import Coprocessor
+from .models import KVCache
+
+
+def _empty_cache(decoder: Any, batch: int, capacity: int) -> KVCache:
+    c = decoder.cfg
+    return KVCache.empty(
+        c.num_layers, batch, c.num_kv_heads, c.head_dim, capacity, dtype=decoder.dtype, device=decoder.device
+    )
+
+
+@torch.no_grad()
+def prefill_prefix(decoder: Any, ids: Tensor, capacity: int) -> KVCache:
+    """Cache of ``ids`` [1, P] (P may be 0) with room for ``capacity`` entries."""
+    if ids.shape[1] == 0:
+        return _empty_cache(decoder, ids.shape[0], capacity)
+    return decoder.prefill(ids, capacity=capacity)[1]
+
+
+@dataclass
+class AugmentHandle:
+    """Latents for one prompt, possibly still being computed on another CUDA stream.
+
+    Attributes:
+        latents: [1, N_L, d] (valid once :meth:`wait` returned).
+        cache: the decoder's cache of the prompt prefix the latents were computed from
+            (None when the latents were loaded from a file).
+        prompt_ids: the prompt, long [1, P].
+        placement: "paper" or "early".
+    """
+
+    latents: Tensor
+    cache: KVCache | None
+    prompt_ids: Tensor
+    placement: str
+    event: Any = None
+    _waited: bool = field(default=False, repr=False)
+
+    def wait(self) -> Tensor:
+        """Make the current stream wait for the latents (no-op on the CPU) and return them."""
+        if self.event is not None and not self._waited:
+            cur = torch.cuda.current_stream(self.latents.device)
+            cur.wait_event(self.event)
+            self.latents.record_stream(cur)
+            if self.cache is not None:
+                for t in self.cache.k + self.cache.v:
+                    t.record_stream(cur)
+            self._waited = True
+        return self.latents
+
+    def ready(self) -> bool:
+        """True when the latents are computed (always on the CPU)."""
+        return self.event is None or self.event.query()
+
+
+@torch.no_grad()
+def augment(
+    decoder: Any,
+    coprocessor: Coprocessor,
+    prompt_ids: Tensor,
+    *,
+    stream: Any = None,
+    capacity: int | None = None,
+) -> AugmentHandle:
+    """Prefill the prompt [1, P] and compute its latents [1, N_L, d].
+
+    With ``stream`` (a torch.cuda.Stream) the coprocessor runs on that stream and this
+    returns at once; :meth:`AugmentHandle.wait` (called by ``generate`` when it first
+    needs the latents) orders the current stream after it.
+    """
+    if prompt_ids.dim() != 2 or prompt_ids.shape[0] != 1 or prompt_ids.shape[1] < 1:
+        raise ValueError(f"prompt_ids must be [1, P] with P >= 1, got {tuple(prompt_ids.shape)}")
+    p = prompt_ids.shape[1]
+    start = p - 1 if coprocessor.placement == "early" else p
+    cap = capacity or (start + coprocessor.num_latents + 64)
+    cache = prefill_prefix(decoder, prompt_ids[:, :start], cap)
+    pos = torch.tensor([[p]], device=prompt_ids.device)
+    if stream is None:
+        lat = coprocessor.latents_at(cache, pos)[:, 0]
+        return AugmentHandle(lat, cache, prompt_ids, coprocessor.placement)
+    stream.wait_stream(torch.cuda.current_stream(prompt_ids.device))
+    with torch.cuda.stream(stream):
+        lat = coprocessor.latents_at(cache, pos)[:, 0]
+        event = stream.record_event()
+    return AugmentHandle(lat, cache, prompt_ids, coprocessor.placement, event=event)
+
+
+def save_latents(path: str | os.PathLike, handle: AugmentHandle, info: dict[str, Any] | None = None) -> Path:
+    """Store a prompt's latents (fp32) and its token ids in a safetensors file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = {
+        "prompt_ids": json.dumps(handle.prompt_ids[0].tolist()),
+        "placement": handle.placement,
+        "info": json.dumps(info or {}),
+    }
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    save_file({"latents": handle.wait()[0].float().contiguous().cpu()}, str(tmp), metadata=meta)
+    os.replace(tmp, path)
+    return path
+
+
+def load_latents(path: str | os.PathLike, device: str | torch.device = "cpu") -> AugmentHandle:
+    """Read latents saved by :func:`save_latents` (the prompt cache is rebuilt by ``generate``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such latents file")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            lat = f.get_tensor("latents")
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
+        raise ValueError(f"{path}: not a latents file ({type(e).__name__}: {e})") from None
+    if "prompt_ids" not in meta or lat.dim() != 2:
+        raise ValueError(f"{path}: not a latents file written by cacheaug (missing prompt_ids)")
+    ids = torch.tensor(json.loads(meta["prompt_ids"]), dtype=torch.long, device=device).view(1, -1)
+    return AugmentHandle(lat.unsqueeze(0).to(device), None, ids, meta.get("placement", "paper"))
+
+
+def _pick(logits: Tensor, temperature: float, top_k: int, gen: torch.Generator | None) -> Tensor:
+    """Next token per row of logits [n, V]: argmax at temperature 0, else top-k sampling."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, -1)
+    return torch.multinomial(probs.cpu(), 1, generator=gen).view(-1).to(logits.device)
+
+
+@torch.no_grad()
+def _cascade_step(
+    decoder: Any, ids: Tensor, shared_k: list[Tensor], shared_v: list[Tensor], suffix: KVCache
+) -> Tensor:
+    """One decode step of n samples over a shared cache (per layer [Hkv, T, Dh]) + own suffixes."""
+    t = shared_k[0].shape[1]
+    suffix.reserve(suffix.max_len + 1)
+    new_lens = suffix.lens + 1
+    length = suffix.max_len + 1
+    positions = (t + suffix.lens).view(-1, 1)
+
+    def attend(i: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        suffix.write(i, k, v)
+        ks, vs = suffix.layer(i, length)
+        kw = decoder._attn_kw(i)
+        return ops.cascade_decode(q[:, :, 0], shared_k[i], shared_v[i], ks, vs, new_lens, **kw).unsqueeze(2)
+
+    hidden = decoder._run(decoder.embed(ids.view(-1, 1)), positions, attend)
+    suffix.advance(1)
+    return decoder.logits(hidden[:, 0])
+
+
+@dataclass
+class Generation:
+    """Output of :func:`generate`: new token ids per sample (prompt excluded)."""
+
+    tokens: list[list[int]]
+    augmented: bool
+    prompt_len: int
+
+
+@torch.no_grad()
+def generate(
+    decoder: Any,
+    prompt_ids: Tensor,
+    *,
+    coprocessor: Coprocessor | None = None,
+    latents: AugmentHandle | None = None,
+    max_new_tokens: int = 32,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    seed: int = 0,
+    num_samples: int = 1,
+    eos_id: int | None = None,
+) -> Generation:
+    """Continue ``prompt_ids`` [1, P]; augmented when a coprocessor or precomputed latents are given.
+
+    ``latents`` (from :func:`augment` or :func:`load_latents`) must belong to this prompt.
+    ``num_samples > 1`` decodes that many continuations over the shared prompt cache.
+    """
+    if prompt_ids.dim() != 2 or prompt_ids.shape[0] != 1 or prompt_ids.shape[1] < 1:
+        raise ValueError(f"prompt_ids must be [1, P] with P >= 1, got {tuple(prompt_ids.shape)}")
+    if max_new_tokens < 1 or num_samples < 1:
+        raise ValueError("max_new_tokens and num_samples must be >= 1")
+    dev = decoder.device
+    prompt_ids = prompt_ids.to(dev)
+    p = prompt_ids.shape[1]
+    gen = torch.Generator().manual_seed(seed)
+    handle = latents
+    if handle is None and coprocessor is not None:
+        handle = augment(
+            decoder, coprocessor, prompt_ids, capacity=p + coprocessor.num_latents + max_new_tokens + 1
+        )
+    if handle is not None:
+        if not torch.equal(handle.prompt_ids.to(dev), prompt_ids):
+            raise ValueError("the latents were computed for a different prompt")
+        start = p - 1 if handle.placement == "early" else p
+        cache = handle.cache
+        if cache is None:
+            cache = prefill_prefix(
+                decoder, prompt_ids[:, :start], start + handle.latents.shape[1] + max_new_tokens + 1
+            )
+        logits = decoder.extend(inputs_embeds=handle.wait().to(dev), cache=cache)[:, -1]
+        if handle.placement == "early":
+            logits = decoder.decode_step(prompt_ids[:, -1], cache)
+    else:
+        logits, cache = decoder.prefill(prompt_ids, capacity=p + max_new_tokens + 1)[:2]
+        logits = logits[:, -1]
+    out: list[list[int]] = [[] for _ in range(num_samples)]
+    done = torch.zeros(num_samples, dtype=torch.bool)
+    if num_samples == 1:
+        for _ in range(max_new_tokens):
+            nxt = _pick(logits, temperature, top_k, gen)
+            out[0].append(int(nxt[0]))
+            if eos_id is not None and int(nxt[0]) == eos_id:
+                break
+            logits = decoder.decode_step(nxt, cache)
+        return Generation(out, handle is not None, p)
+    t = cache.max_len
+    shared_k = [k[0, :, :t] for k in cache.k]  # views: the prompt (+latents) cache is never copied
+    shared_v = [v[0, :, :t] for v in cache.v]
+    suffix = _empty_cache(decoder, num_samples, max_new_tokens)
+    logits = logits.expand(num_samples, -1)
+    for _ in range(max_new_tokens):
+        nxt = _pick(logits, temperature, top_k, gen)
+        for i in range(num_samples):
+            if not done[i]:
+                out[i].append(int(nxt[i]))
+                if eos_id is not None and int(nxt[i]) == eos_id:
+                    done[i] = True
+        if bool(done.all()):
+            break
+        logits = _cascade_step(decoder, nxt, shared_k, shared_v, suffix)
+    return Generation(out, handle is not None, p)
