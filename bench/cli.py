@@ -7,8 +7,9 @@
 Sections: ops = segment attention + decode_attention + cascade_decode + merge_states;
 train = training step of the multi-position objective; decode = end-to-end decode
 tokens/s and n-sample generation. `all` runs every section under one time budget
-(default 540 s on CUDA, so it fits a 10-minute device call), giving each section a
-share; cases past a section's share are recorded as skipped, never silently dropped.
+(default 540 s on CUDA, so it fits a 10-minute device call), giving each part a share
+(SHARES); cases past a part's deadline are recorded as skipped, never silently dropped.
+A budget also applies to single sections when --time-budget is given.
 """
 
 from __future__ import annotations
@@ -16,14 +17,17 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 SECTIONS = ("ops", "train", "decode")
-# Share of the time budget each section may use (unused time rolls over to later ones).
-SHARES = {"ops": 0.55, "train": 0.25, "decode": 0.20}
+# Share of the time budget of each part (deadlines are cumulative, so unused time rolls
+# over to later parts). ops = segment + decode_attention + cascade + merge.
+SHARES = {"segment": 0.33, "decode_attention": 0.10, "cascade": 0.09, "merge": 0.03, "train": 0.25,
+          "decode_e2e": 0.20}
+PARTS = {"ops": ("segment", "decode_attention", "cascade", "merge"), "train": ("train",),
+         "decode": ("decode_e2e",)}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -81,22 +85,24 @@ def run_sections(args: argparse.Namespace) -> dict:
     _prepare_torch()
     ctx = BenchContext(device, smoke=smoke, repeats=args.repeats, warmup=args.warmup, time_budget_s=None,
                        progress=not args.no_progress)
-    t0 = time.monotonic()
-    total_share = sum(SHARES[s] for s in sections)
+    parts = [p for section in sections for p in PARTS[section]]
+    total_share = sum(SHARES[p] for p in parts)
     used_share = 0.0
-    for section in sections:
-        used_share += SHARES[section]
+    for part in parts:
+        used_share += SHARES[part]
         if budget is not None:
-            # deadline for this section, measured from the start of the run
-            ctx.time_budget_s = budget * used_share / total_share + (ctx.t_start - t0)
-        if section == "ops":
-            ops_segment.run_segment(ctx, shapes.segment_shapes(grid, smoke), dtype, modes=ops_segment.MODES)
+            ctx.time_budget_s = budget * used_share / total_share  # deadline from the start of the run
+        if part == "segment":
+            ops_segment.run_segment(ctx, shapes.segment_shapes(grid, smoke), dtype)
+        elif part == "decode_attention":
             ops_decode.run_decode(ctx, shapes.decode_shapes(smoke), dtype)
+        elif part == "cascade":
             ops_decode.run_cascade(ctx, shapes.cascade_shapes(smoke), dtype)
+        elif part == "merge":
             ops_decode.run_merge(ctx, shapes.merge_shapes(smoke), dtype)
-        elif section == "train":
+        elif part == "train":
             e2e.run_train(ctx, dtype, smoke=smoke)
-        elif section == "decode":
+        elif part == "decode_e2e":
             e2e.run_generate(ctx, dtype, smoke=smoke)
     out = args.out or f"bench-{args.what}{'-smoke' if smoke else ''}.json"
     extra = {"config": {"what": args.what, "grid": grid, "dtype": str(dtype).replace("torch.", ""),

@@ -102,8 +102,11 @@ class BenchContext:
     def start_section(self, name: str, total: int) -> None:
         self.close_section()
         if self.progress:
-            from tqdm.auto import tqdm
-
+            try:
+                from tqdm.auto import tqdm
+            except ImportError:  # progress bars are optional on bare benchmark machines
+                self.progress = False
+                return
             self._bar = tqdm(total=total, desc=name, unit="case", leave=True, dynamic_ncols=True)
 
     def close_section(self) -> None:
