@@ -165,7 +165,10 @@ def _generate_fn() -> Callable[..., Any]:
 def _call_generate(fn: Callable[..., Any], dec: Any, cop: Any, ids: torch.Tensor, g: int, n: int) -> Any:
     params = inspect.signature(fn).parameters
     kw: dict[str, Any] = {}
-    for key, val in (("max_new_tokens", g), ("num_samples", n), ("n", n), ("coprocessor", cop)):
+    pairs = (("max_new_tokens", g), ("num_samples", n), ("n", n), ("coprocessor", cop), ("temperature", 1.0))
+    for key, val in pairs:
+        if key == "coprocessor" and val is None:
+            continue
         if key in params:
             kw[key] = val
     if "max_new_tokens" not in kw or not ({"num_samples", "n"} & kw.keys()):
@@ -213,7 +216,7 @@ def run_generate(ctx: BenchContext, dtype: torch.dtype, smoke: bool = False) -> 
     # n samples over one prompt (cascade_decode over the shared prompt cache)
     case = dict(cases[0], B=1, n=n_samples)
 
-    def prepare_n():
+    def prepare_n(augmented: bool):
         fn = _generate_fn()
         Decoder, _, Coprocessor, _ = _import_stack()
         cfg = model_config(case["model"], smoke)
@@ -221,12 +224,14 @@ def run_generate(ctx: BenchContext, dtype: torch.dtype, smoke: bool = False) -> 
         cop = Coprocessor(dec, case["N_L"], lora_rank=case["lora"]).to(ctx.device)
         ids = torch.randint(3, cfg.vocab_size, (1, case["T"]), generator=torch.Generator().manual_seed(0))
         ids = ids.to(ctx.device)
-        return (lambda: _call_generate(fn, dec, cop, ids, case["G"], n_samples)), None, \
+        use = cop if augmented else None
+        return (lambda: _call_generate(fn, dec, use, ids, case["G"], n_samples)), None, \
             Work(tokens=float(n_samples * case["G"]))
 
     with _timer_override(ctx, warmup=1, repeats=3):
-        ctx.measure("generate_n", "generate", case, dtype, prepare_n, note="prefill + latents + n samples")
-    if ctx._bar is not None:
-        ctx._bar.update(1)
+        ctx.measure("generate_n", "with_latents", case, dtype, lambda: prepare_n(True),
+                    note="prefill + latents + n sampled continuations over the shared cache")
+        ctx.measure("generate_n", "no_latents", case, dtype, lambda: prepare_n(False),
+                    note="prefill + n sampled continuations over the shared cache")
     ctx.close_section()
 
