@@ -129,7 +129,7 @@ def _dequantize(tensor: Any, path: Path) -> np.ndarray:
         ) from None
 
 
-@functools.lru_cache(maxsize=2)
+@functools.lru_cache(maxsize=4)
 def _read_gguf(path_str: str, size: int, mtime_ns: int) -> tuple[DecoderConfig, dict[str, Tensor]]:
     path = Path(path_str)
     reader = open_gguf(path)
