@@ -163,3 +163,59 @@ def write_json(obj: Any, path: str | os.PathLike) -> Path:
         os.fsync(f.fileno())
     os.replace(tmp, path)
     return path
+
+
+def run_eval_cli(args: Any) -> int:
+    """``cacheaug eval CKPT ...``: one table per checkpoint on the same held-out sequences."""
+    from .augment.coprocessor import Coprocessor, CoprocessorConfig
+    from .checkpoint import load_checkpoint
+    from .data import load_corpus
+    from .train import TrainConfig, load_model, load_tok, pick_device
+
+    ckpts = [load_checkpoint(p, with_optimizer=False) for p in args.checkpoints]
+    first = TrainConfig.from_dict(ckpts[0].state["train_config"])
+    model_spec = args.model or first.model
+    seq_len = args.seq_len or first.seq_len
+    data = args.data or first.data
+    if args.eval_seqs < 1 or args.batch_size < 1:
+        raise ValueError("--eval-seqs and --batch-size must be >= 1")
+    dev = pick_device(args.device)
+    decoder = load_model(model_spec, dev)
+    tok = load_tok(args.tokenizer or first.tokenizer, model_spec)
+    corpus = load_corpus(tok, seq_len, files=data or None, heldout_frac=first.heldout_frac)
+    held = corpus.heldout[: args.eval_seqs]
+    print(f"held-out: {held.shape[0]} sequences of {seq_len} tokens")
+    tables: dict[str, dict[str, Any]] = {}
+    results = []
+    for ck in ckpts:
+        cfg = TrainConfig.from_dict(ck.state["train_config"])
+        cop = Coprocessor(decoder, config=CoprocessorConfig.from_dict(ck.coprocessor_config)).to(dev)
+        cop.load_trainable_state(ck.coprocessor)
+        ahead = args.ahead or cfg.ahead
+        obj = CacheAugmentationObjective(decoder, cop, ahead=ahead)
+        amp = torch.bfloat16 if dev.type == "cuda" else None
+        res = evaluate_objective(obj, held, batch_size=args.batch_size, autocast_dtype=amp)
+        tab = report_table(res)
+        label = f"N_L={cop.num_latents} ({Path(ck.path).parent.name or ck.path})"
+        if label in tables:
+            label = f"{label} [{len(tables)}]"
+        tables[label] = tab
+        print(format_table(tab, f"{label}: step {ck.state.get('step')}, {res['seconds']:.1f}s"))
+        results.append(
+            {
+                "checkpoint": str(ck.path),
+                "label": label,
+                "step": ck.state.get("step"),
+                "coprocessor": ck.coprocessor_config,
+                **res,
+                **tab,
+            }
+        )
+    out = Path(args.out)
+    write_json(
+        {"model": model_spec, "seq_len": seq_len, "heldout_sequences": int(held.shape[0]), "results": results},
+        out / "eval.json",
+    )
+    plot_tables(tables, out / "ppl.png")
+    print(f"wrote {out / 'eval.json'} and {out / 'ppl.png'}")
+    return 0
