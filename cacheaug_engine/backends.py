@@ -14,7 +14,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
-from functools import lru_cache
+from functools import cache
 
 import torch
 
@@ -33,7 +33,7 @@ class BackendUnavailableError(RuntimeError):
     """A backend was asked for (argument or CACHEAUG_BACKEND) but cannot run here."""
 
 
-@lru_cache(maxsize=None)
+@cache
 def _import_reason(module: str) -> str | None:
     """None when ``module`` imports, else a one-line reason."""
     try:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import importlib
 
-import torch
 from torch import Tensor
 
 from ..backends import resolve_backend

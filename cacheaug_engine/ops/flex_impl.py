@@ -10,16 +10,18 @@ from __future__ import annotations
 
 import math
 import warnings
-from functools import lru_cache
+from functools import cache
 
 import torch
 from torch import Tensor
+
+from torch.nn.attention.flex_attention import AuxRequest
 
 from ..backends import BackendUnavailableError
 from ..reference import lse_dtype
 
 
-@lru_cache(maxsize=None)
+@cache
 def _flex_fn(device_type: str):
     from torch.nn.attention.flex_attention import flex_attention
 
@@ -87,10 +89,11 @@ def segment_attention(
     k_cat = torch.cat([k_prefix, k], dim=2)
     v_cat = torch.cat([v_prefix, v], dim=2)
     scale = 1.0 / math.sqrt(dh) if scale is None else scale
-    out, lse = _flex_fn(q.device.type)(
+    out, aux = _flex_fn(q.device.type)(
         q, k_cat, v_cat, score_mod=score_mod, block_mask=block_mask, scale=scale,
-        enable_gqa=q.shape[1] != k.shape[1], return_lse=True,
+        enable_gqa=q.shape[1] != k.shape[1], return_aux=AuxRequest(lse=True),
     )
+    lse = aux.lse
     if return_lse:
         return out, lse.to(lse_dtype(q.dtype))
     return out

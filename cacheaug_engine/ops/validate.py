@@ -36,7 +36,7 @@ def check_float_group(names: list[str], tensors: list[Tensor], allow_float64: bo
         raise TypeError(
             f"{first_name}: expected dtype in {[str(d) for d in allowed]}, got {first.dtype}"
         )
-    for name, t in zip(names[1:], tensors[1:]):
+    for name, t in zip(names[1:], tensors[1:], strict=False):
         if t.dtype != first.dtype:
             raise TypeError(f"{name}: expected dtype {first.dtype} (same as {first_name}), got {t.dtype}")
         if t.device != first.device:
