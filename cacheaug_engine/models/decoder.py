@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +34,13 @@ from .rope import apply_rope, rope_cos_sin
 
 # attend(layer, q [B,Hq,S,Dh], k [B,Hkv,S,Dh], v) -> o [B,Hq,S,Dh]
 AttendFn = Callable[[int, Tensor, Tensor, Tensor], Tensor]
+
+
+def _seg(
+    q: Tensor, k: Tensor, v: Tensor, kp: Tensor, vp: Tensor, lens: Tensor, block_len: int, kw: dict[str, Any]
+) -> Tensor:
+    """ops.segment_attention (output only)."""
+    return cast(Tensor, ops.segment_attention(q, k, v, kp, vp, lens, block_len=block_len, **kw))
 
 
 class RMSNorm(nn.Module):
@@ -213,7 +221,7 @@ class Decoder(nn.Module):
             x = layer(x, cos, sin, attend)
         return self.norm(x)
 
-    def _attn_kw(self, layer: int) -> dict:
+    def _attn_kw(self, layer: int) -> dict[str, Any]:
         c = self.cfg
         return dict(
             softcap=c.attn_softcap, window=c.window(layer), scale=c.attn_scale, backend=self.attn_backend
@@ -258,7 +266,7 @@ class Decoder(nn.Module):
             ks.append(k)
             vs.append(v)
             empty = k.new_zeros(b, k.shape[1], 0, k.shape[3])
-            return ops.segment_attention(q, k, v, empty, empty, zero_lens, block_len=t, **self._attn_kw(i))
+            return _seg(q, k, v, empty, empty, zero_lens, t, self._attn_kw(i))
 
         hidden = self._run(x, positions, attend)
         cache = KVCache.from_tensors(ks, vs)
@@ -310,7 +318,7 @@ class Decoder(nn.Module):
             kp, vp = cache.layer(i)
             kp, vp = kp.to(q.dtype).expand(b, -1, -1, -1), vp.to(q.dtype).expand(b, -1, -1, -1)
             kw = self._attn_kw(i)
-            return ops.segment_attention(q, k, v, kp, vp, prefix_lens, block_len=block_len, **kw)
+            return _seg(q, k, v, kp, vp, prefix_lens, block_len, kw)
 
         hidden = self._run(x, positions, attend)
         return hidden if output == "hidden" else self.logits(hidden)
@@ -334,7 +342,7 @@ class Decoder(nn.Module):
 
         def attend(i: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
             kp, vp = cache.layer(i)
-            o = ops.segment_attention(q, k, v, kp, vp, start, block_len=s, **self._attn_kw(i))
+            o = _seg(q, k, v, kp, vp, start, s, self._attn_kw(i))
             cache.write(i, k, v)
             return o
 
@@ -362,7 +370,8 @@ class Decoder(nn.Module):
         def attend(i: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
             cache.write(i, k, v)
             kc, vc = cache.layer(i, length)
-            return ops.decode_attention(q[:, :, 0], kc, vc, new_lens, **self._attn_kw(i)).unsqueeze(2)
+            o = cast(Tensor, ops.decode_attention(q[:, :, 0], kc, vc, new_lens, **self._attn_kw(i)))
+            return o.unsqueeze(2)
 
         hidden = self._run(x, positions, attend)
         cache.advance(1)
@@ -378,6 +387,7 @@ class Decoder(nn.Module):
                     f"got {tuple(inputs_embeds.shape)}"
                 )
             return inputs_embeds.to(self.dtype)
+        assert input_ids is not None
         if input_ids.dim() != 2:
             raise ValueError(f"{where}: input_ids must be [B, T], got {tuple(input_ids.shape)}")
         return self.embed(input_ids)

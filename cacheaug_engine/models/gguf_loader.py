@@ -12,7 +12,7 @@ import functools
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -20,6 +20,9 @@ from torch import Tensor
 
 from .config import DecoderConfig
 from .decoder import Decoder
+
+if TYPE_CHECKING:
+    from gguf import GGUFReader
 
 SUPPORTED_GGUF_ARCHS = ("llama",)
 _NAMES = {
@@ -30,7 +33,7 @@ _NAMES = {
 _BLOCK = re.compile(r"^blk\.(\d+)\.(\w+)\.(weight|bias)$")
 
 
-def open_gguf(path: str | Path):  # -> gguf.GGUFReader
+def open_gguf(path: str | Path) -> GGUFReader:
     """A GGUFReader; any failure to parse becomes a ValueError naming the file."""
     import gguf
 

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from .decoder import Decoder
+
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer
 
 
 def _kind(path: str | Path) -> str:
@@ -37,7 +41,7 @@ def load_decoder(path: str | Path, dtype: torch.dtype = torch.float32) -> Decode
     return load_gguf_decoder(path, dtype)
 
 
-def load_tokenizer(path: str | Path):  # -> tokenizers.Tokenizer
+def load_tokenizer(path: str | Path) -> Tokenizer:
     """A ``tokenizers.Tokenizer``: ``tokenizer.json`` of a HF directory, or built from GGUF metadata."""
     from .tokenizer import load_gguf_tokenizer, load_hf_tokenizer
 

@@ -48,7 +48,7 @@ def build_bpe_tokenizer(
 ) -> Tokenizer:
     """A byte-level BPE ``Tokenizer`` from GGUF-style vocab, merges ("a b") and token types."""
     vocab = {tok: i for i, tok in enumerate(tokens)}
-    pairs = [tuple(m.split(" ", 1)) for m in merges]
+    pairs = [(a, b) for a, _, b in (m.partition(" ") for m in merges)]
     tk = Tokenizer(models.BPE(vocab=vocab, merges=pairs, fuse_unk=False, byte_fallback=False))
     splits = _PRE.get(pre or "default")
     if splits is None:
