@@ -40,6 +40,12 @@ FLOOR = {torch.float32: 2e-5, torch.float16: 2e-4, torch.bfloat16: 2e-3}
 # ----------------------------------------------------------------------------- helpers
 
 
+@pytest.fixture(autouse=True)
+def _fixed_configs(monkeypatch):
+    """On a GPU, use the fixed tile config: autotuning every tiny test shape would take minutes."""
+    monkeypatch.setenv("CACHEAUG_AUTOTUNE", "0")
+
+
 def make_case(b, hq, hkv, n, s, t, dh, lens=None, dtype=torch.float32, seed=0, strided=False):
     """Random inputs; lens: list of lists, or None for random p_k in [0, T]."""
     gen = torch.Generator().manual_seed(seed)
