@@ -157,3 +157,31 @@ def test_empty_prefill_then_decode() -> None:
     assert logits.shape == (2, 0, 256) and cache.lens.tolist() == [0, 0]
     steps = torch.stack([m.decode_step(ids[:, t], cache) for t in range(6)], 1)
     torch.testing.assert_close(steps, m(ids), atol=TOL, rtol=0)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma2"])
+def test_attn_backend_triton_matches_torch(arch: str) -> None:
+    """The model with ``attn_backend="triton"`` (the interpreter on CPU) equals the torch path."""
+    import cacheaug_engine
+
+    info = cacheaug_engine.backends().get("triton", {})
+    if not info.get("available"):
+        pytest.skip(f"triton backend unavailable: {info.get('reason')}")
+    m = tiny_decoder(arch)
+    ids = _ids(2, 20)
+    ref = m(ids)
+    _, cache = m.prefill(ids[:, :16])
+    x = m.embed(ids[:, 12:20]).clone().requires_grad_(True)
+    pos = torch.arange(12, 20).expand(2, -1)
+    pl = torch.tensor([[12, 16]] * 2)
+    ref_blocks = m.forward_blocks(x, pos, cache, pl, 4)
+    (g_ref,) = torch.autograd.grad(ref_blocks.logsumexp(-1).sum(), x)
+    torch.testing.assert_close(ref_blocks, ref[:, 12:20], atol=1e-5, rtol=0)
+    ref_step = m.decode_step(ids[:, 16], cache.clone())
+    m.attn_backend = "triton"
+    torch.testing.assert_close(m(ids), ref, atol=1e-4, rtol=0)
+    out = m.forward_blocks(x, pos, cache, pl, 4)
+    torch.testing.assert_close(out, ref_blocks, atol=1e-4, rtol=0)
+    (g,) = torch.autograd.grad(out.logsumexp(-1).sum(), x)
+    torch.testing.assert_close(g, g_ref, atol=1e-4, rtol=1e-3)
+    torch.testing.assert_close(m.decode_step(ids[:, 16], cache), ref_step, atol=1e-4, rtol=0)
