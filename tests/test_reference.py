@@ -49,7 +49,25 @@ def test_segment_reference_and_torch_backend_match_dense_sdpa(case):
         torch.testing.assert_close(lse, lse_dense, rtol=1e-10, atol=1e-10)
 
 
-@pytest.mark.parametrize("case", SEGMENT_CASES[1:4])
+NO_PREFIX_CASES = [
+    (2, 4, 2, 3, 5, 0, 16, True, None, None),  # prefill-like: SDPA fast path
+    (1, 6, 3, 2, 7, 0, 8, True, 3, None),  # window through an explicit mask
+    (1, 2, 1, 2, 4, 0, 8, False, None, None),  # non-causal
+]
+
+
+@pytest.mark.parametrize("case", SEGMENT_CASES + NO_PREFIX_CASES)
+def test_segment_torch_backend_without_lse_matches_dense_sdpa(case):
+    """The paths taken without return_lse (fused softmax, SDPA when there is no prefix)."""
+    b, hq, hkv, n, s, t, dh, causal, window, softcap = case
+    q, k, v, kp, vp, lens = _segment_inputs(b, hq, hkv, n, s, t, dh, seed=8)
+    mask = segment_mask(lens, t, s, causal, window)
+    o_dense, _ = dense_attention(q, torch.cat([kp, k], 2), torch.cat([vp, v], 2), mask, softcap=softcap)
+    kw = dict(block_len=s, causal=causal, window=window, softcap=softcap)
+    torch.testing.assert_close(ops.segment_attention(q, k, v, kp, vp, lens, backend="torch", **kw), o_dense)
+
+
+@pytest.mark.parametrize("case", SEGMENT_CASES[1:4] + NO_PREFIX_CASES[:2])
 def test_segment_torch_backend_gradients_match_reference(case):
     b, hq, hkv, n, s, t, dh, causal, window, softcap = case
     inputs = _segment_inputs(b, hq, hkv, n, s, t, dh, seed=1)

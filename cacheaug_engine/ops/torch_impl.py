@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from ..reference import lse_dtype
@@ -67,6 +68,19 @@ def segment_attention(
         vis_prefix = vis_prefix & (key_pos > row_pos - window)
         vis_local = vis_local & (local_key > local_row - window)
 
+    if t_used == 0 and softcap is None and not return_lse:
+        # No prefix (e.g. prefill): per-block causal attention, fused by SDPA. Blocks become a
+        # batch dim: [B, N, H, S, Dh].
+        def blocks(x: Tensor, heads: int) -> Tensor:
+            return x.reshape(b, heads, n, s, dh).transpose(1, 2).to(ct)
+
+        out = F.scaled_dot_product_attention(
+            blocks(q, hq), blocks(k, hkv), blocks(v, hkv), scale=scale, enable_gqa=g > 1,
+            attn_mask=None if (causal and window is None) else vis_local,
+            is_causal=causal and window is None,
+        )
+        return out.transpose(1, 2).reshape(b, hq, ns, dh).to(q.dtype)
+
     s_prefix = _softcap(torch.einsum("bhgnsd,bhtd->bhgnst", qg, kp) * scale, softcap)
     s_local = _softcap(torch.einsum("bhgnsd,bhnjd->bhgnsj", qg, kl) * scale, softcap)
     scores = torch.cat([s_prefix, s_local], dim=-1)
@@ -74,7 +88,11 @@ def segment_attention(
         [vis_prefix.expand(b, 1, 1, n, s, t_used), vis_local.view(1, 1, 1, 1, s, s).expand(b, 1, 1, n, s, s)],
         dim=-1,
     )
-    probs, lse = _softmax_rows(scores, visible)
+    if return_lse:
+        probs, lse = _softmax_rows(scores, visible)
+    else:
+        # Every row sees at least its own key, so a plain (fused) softmax is safe here.
+        probs = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1)
     out = torch.einsum("bhgnst,bhtd->bhgnsd", probs[..., :t_used], vp)
     out = out + torch.einsum("bhgnsj,bhnjd->bhgnsd", probs[..., t_used:], vl)
     out = out.reshape(b, hq, ns, dh).to(q.dtype)
