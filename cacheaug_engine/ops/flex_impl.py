@@ -14,7 +14,6 @@ from functools import cache
 
 import torch
 from torch import Tensor
-
 from torch.nn.attention.flex_attention import AuxRequest
 
 from ..backends import BackendUnavailableError
