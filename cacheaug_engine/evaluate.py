@@ -38,7 +38,8 @@ def evaluate_objective(
 ) -> dict[str, Any]:
     """Mean CE per position over ``sequences`` [n, T] at fixed points (start 1, every ``stride``).
 
-    Returns {"ahead", "ce_aug" [N_A], "ce_base" [N_A], "num_targets_per_position", "seconds"}.
+    Returns {"ahead", "ce_aug" [N_A], "ce_base" [N_A], "ce_diff_se" [N_A] (standard error of the
+    paired per-target difference), "num_targets_per_position", "num_sequences", "seconds"}.
     The default stride spaces points N_A apart (about T / N_A points per sequence).
     """
     if sequences.shape[0] == 0:
@@ -51,6 +52,7 @@ def evaluate_objective(
     dev = next(objective.coprocessor.parameters()).device
     sum_aug = torch.zeros(na, dtype=torch.float64)
     sum_base = torch.zeros(na, dtype=torch.float64)
+    sum_sq_diff = torch.zeros(na, dtype=torch.float64)
     count = 0
     t0 = time.perf_counter()
     for i in range(0, sequences.shape[0], batch_size):
@@ -61,14 +63,18 @@ def evaluate_objective(
             out = objective(ids, pos)
         sum_aug += out.ce_aug.double().flatten(0, 1).sum(0).cpu()
         sum_base += out.ce_base.double().flatten(0, 1).sum(0).cpu()
+        sum_sq_diff += (out.ce_aug - out.ce_base).double().flatten(0, 1).pow(2).sum(0).cpu()
         count += out.ce_aug.shape[0] * out.ce_aug.shape[1]
         if progress is not None:
             progress(ids.shape[0])
     objective.train(was_training)
+    mean_diff = (sum_aug - sum_base) / count
+    var = (sum_sq_diff / count - mean_diff.pow(2)).clamp_min(0) * count / max(count - 1, 1)
     return {
         "ahead": na,
         "ce_aug": (sum_aug / count).tolist(),
         "ce_base": (sum_base / count).tolist(),
+        "ce_diff_se": (var / count).sqrt().tolist(),  # standard error of the paired CE difference
         "num_targets_per_position": count,
         "num_sequences": int(sequences.shape[0]),
         "seconds": time.perf_counter() - t0,
@@ -94,6 +100,7 @@ def report_table(result: dict[str, Any]) -> dict[str, Any]:
     positions: list[Any] = [p for p in REPORT_POSITIONS if p <= na]
     rows_a = [ce_a[p - 1] for p in positions] + [sum(ce_a) / na]
     rows_b = [ce_b[p - 1] for p in positions] + [sum(ce_b) / na]
+    se = result.get("ce_diff_se")
     positions.append("mean")
     ppl_a = [math.exp(x) for x in rows_a]
     ppl_b = [math.exp(x) for x in rows_b]
@@ -104,21 +111,32 @@ def report_table(result: dict[str, Any]) -> dict[str, Any]:
         "relative_change_pct": [100.0 * (a / b - 1.0) for a, b in zip(ppl_a, ppl_b, strict=True)],
         "baseline_ce": rows_b,
         "augmented_ce": rows_a,
+        "ce_diff_se": [se[p - 1] for p in positions if p != "mean"] + [None] if se else None,
     }
 
 
 def format_table(table: dict[str, Any], title: str | None = None) -> str:
-    """The table as aligned text (one row per position), like the paper's."""
+    """The table as aligned text (one row per position), like the paper's, with a 95% interval
+    of the change from the paired per-target differences when available."""
     lines = [title] if title else []
-    lines.append(f"{'position':>9} {'baseline ppl':>13} {'augmented ppl':>14} {'change':>9}")
-    for p, b, a, r in zip(
+    lines.append(f"{'position':>9} {'baseline ppl':>13} {'augmented ppl':>14} {'change':>9}   {'95% CI':>17}")
+    se = table.get("ce_diff_se") or [None] * len(table["positions"])
+    rows = zip(
         table["positions"],
         table["baseline_ppl"],
         table["augmented_ppl"],
         table["relative_change_pct"],
+        table["baseline_ce"],
+        table["augmented_ce"],
+        se,
         strict=True,
-    ):
-        lines.append(f"{p!s:>9} {b:>13.3f} {a:>14.3f} {r:>+8.2f}%")
+    )
+    for p, b, a, r, cb, ca, e in rows:
+        ci = ""
+        if e is not None:
+            lo, hi = (100.0 * (math.exp(ca - cb + k * 1.96 * e) - 1.0) for k in (-1, 1))
+            ci = f"[{lo:+.2f}%, {hi:+.2f}%]"
+        lines.append(f"{p!s:>9} {b:>13.3f} {a:>14.3f} {r:>+8.2f}%   {ci:>17}")
     return "\n".join(lines)
 
 
