@@ -196,3 +196,25 @@ def restore_rng(ckpt: Checkpoint, extra: dict[str, torch.Generator] | None = Non
         s = ckpt.rng(name)
         if s is not None:
             gen.set_state(s)
+
+
+def export_coprocessor(
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    *,
+    dtype: torch.dtype | None = torch.bfloat16,
+    note: str | None = None,
+) -> Path:
+    """Write a slim copy of checkpoint ``src`` at ``dst``: coprocessor tensors (cast to ``dtype``)
+    and state.json without the optimizer; ``note`` (e.g. the command that trained it) goes to
+    ``dst/COMMAND.md``. This is the format of the coprocessor shipped in cacheaug_engine/assets."""
+    ck = load_checkpoint(src, with_optimizer=False)
+    tensors = {
+        k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v) for k, v in ck.coprocessor.items()
+    }
+    state = {k: v for k, v in ck.state.items() if k not in ("optimizer", "format")}
+    state["exported_from"] = str(ck.path)
+    out = save_checkpoint(dst, coprocessor=tensors, state=state)
+    if note:
+        (out / "COMMAND.md").write_text(note, encoding="utf-8")
+    return out

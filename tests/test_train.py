@@ -160,3 +160,17 @@ def test_loader_resume():
     c.load_state_dict(b.state_dict())
     for want in batches[4:]:
         assert torch.equal(c.next_batch(), want)
+
+
+def test_export_and_init_from(tmp_path, corpus):
+    from cacheaug_engine.checkpoint import export_coprocessor
+
+    res = _run(_cfg(tmp_path, steps=2), corpus)
+    dst = export_coprocessor(tmp_path / "run" / "checkpoint", tmp_path / "asset", note="cacheaug train ...")
+    ck = load_checkpoint(dst)
+    assert not ck.optimizer_tensors and (dst / "COMMAND.md").read_text().startswith("cacheaug")
+    assert all(v.dtype == torch.bfloat16 for v in ck.coprocessor.values())
+    again = _run(_cfg(tmp_path / "b", steps=1, stop_after=0, init_from=str(dst), num_latents=5), corpus)
+    assert again.coprocessor.num_latents == 2  # the checkpoint's coprocessor config wins
+    for k, v in res.coprocessor.trainable_state().items():
+        assert torch.allclose(again.coprocessor.trainable_state()[k], v, rtol=1e-2, atol=1e-3), k
