@@ -13,7 +13,8 @@ import torch
 from torch import Tensor
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Math runs in float32, or float64 for float64 inputs."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
@@ -22,7 +23,8 @@ def lse_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _softcap(scores: Tensor, softcap: float | None) -> Tensor:
+def softcap_scores(scores: Tensor, softcap: float | None) -> Tensor:
+    """Gemma-2 style c * tanh(s / c), or s unchanged when softcap is None."""
     if softcap is None:
         return scores
     return softcap * torch.tanh(scores / softcap)
@@ -37,7 +39,7 @@ def _masked_attention(
     q: Tensor, k: Tensor, v: Tensor, visible: Tensor, scale: float, softcap: float | None
 ) -> tuple[Tensor, Tensor]:
     """q [H, M, Dh], k/v [H, L, Dh], visible bool [M, L] -> (o [H, M, Dh], lse [H, M])."""
-    scores = _softcap(torch.einsum("hmd,hld->hml", q, k) * scale, softcap)
+    scores = softcap_scores(torch.einsum("hmd,hld->hml", q, k) * scale, softcap)
     scores = scores.masked_fill(~visible, float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)
     # A row with no visible key (only possible in decode ops with length 0) gives o = 0.
@@ -74,7 +76,7 @@ def segment_attention(
     s = block_len
     n = ns // s
     scale = 1.0 / math.sqrt(dh) if scale is None else scale
-    ct = _compute_dtype(q.dtype)
+    ct = compute_dtype(q.dtype)
     group = hq // hkv
     lens = prefix_lens.tolist()
     outs, lses = [], []
@@ -110,7 +112,7 @@ def decode_attention(
     b, hq, dh = q.shape
     group = hq // k.shape[1]
     scale = 1.0 / math.sqrt(dh) if scale is None else scale
-    ct = _compute_dtype(q.dtype)
+    ct = compute_dtype(q.dtype)
     outs, lses = [], []
     for bi, length in enumerate(lens.tolist()):
         key_pos = torch.arange(length, device=q.device)
@@ -159,7 +161,7 @@ def merge_states(o_a: Tensor, lse_a: Tensor, o_b: Tensor, lse_b: Tensor) -> tupl
     o_* [..., Dh] with lse_* [...] (fp32, or fp64 for fp64 o; natural log). An empty part has lse = -inf and
     contributes nothing; two empty parts give o = 0, lse = -inf.
     """
-    ct = _compute_dtype(o_a.dtype)
+    ct = compute_dtype(o_a.dtype)
     la, lb = lse_a.to(ct), lse_b.to(ct)
     lse = torch.logaddexp(la, lb)
     finite = torch.isfinite(lse)

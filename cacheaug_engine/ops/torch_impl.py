@@ -15,15 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..reference import lse_dtype
-
-
-def _softcap(scores: Tensor, softcap: float | None) -> Tensor:
-    return scores if softcap is None else softcap * torch.tanh(scores / softcap)
-
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+from ..reference import compute_dtype, lse_dtype, softcap_scores
 
 
 def _softmax_rows(scores: Tensor, visible: Tensor) -> tuple[Tensor, Tensor]:
@@ -44,7 +36,7 @@ def segment_attention(
     hkv = k.shape[1]
     g, s = hq // hkv, block_len
     n = ns // s
-    ct = _compute_dtype(q.dtype)
+    ct = compute_dtype(q.dtype)
     scale = 1.0 / math.sqrt(dh) if scale is None else scale
     t_used = int(prefix_lens.max()) if prefix_lens.numel() and not torch.compiler.is_compiling() else k_prefix.shape[2]
 
@@ -81,8 +73,8 @@ def segment_attention(
         )
         return out.transpose(1, 2).reshape(b, hq, ns, dh).to(q.dtype)
 
-    s_prefix = _softcap(torch.einsum("bhgnsd,bhtd->bhgnst", qg, kp) * scale, softcap)
-    s_local = _softcap(torch.einsum("bhgnsd,bhnjd->bhgnsj", qg, kl) * scale, softcap)
+    s_prefix = softcap_scores(torch.einsum("bhgnsd,bhtd->bhgnst", qg, kp) * scale, softcap)
+    s_local = softcap_scores(torch.einsum("bhgnsd,bhnjd->bhgnsj", qg, kl) * scale, softcap)
     scores = torch.cat([s_prefix, s_local], dim=-1)
     visible = torch.cat(
         [vis_prefix.expand(b, 1, 1, n, s, t_used), vis_local.view(1, 1, 1, 1, s, s).expand(b, 1, 1, n, s, s)],
@@ -104,7 +96,7 @@ def segment_attention(
 def _decode_scores(q: Tensor, k: Tensor, scale: float, softcap: float | None, shared: bool) -> Tensor:
     """q [B, Hkv, G, Dh] against k [B, Hkv, L, Dh] (or [Hkv, L, Dh] when shared) -> [B, Hkv, G, L]."""
     eq = "bhgd,hld->bhgl" if shared else "bhgd,bhld->bhgl"
-    return _softcap(torch.einsum(eq, q, k.to(q.dtype)) * scale, softcap)
+    return softcap_scores(torch.einsum(eq, q, k.to(q.dtype)) * scale, softcap)
 
 
 def decode_attention(
@@ -113,7 +105,7 @@ def decode_attention(
 ) -> Tensor | tuple[Tensor, Tensor]:
     b, hq, dh = q.shape
     hkv, tmax = k.shape[1], k.shape[2]
-    ct = _compute_dtype(q.dtype)
+    ct = compute_dtype(q.dtype)
     scale = 1.0 / math.sqrt(dh) if scale is None else scale
     qg = q.reshape(b, hkv, hq // hkv, dh).to(ct)
     pos = torch.arange(tmax, device=q.device).view(1, 1, 1, tmax)
@@ -135,7 +127,7 @@ def cascade_decode(
     b, hq, dh = q.shape
     hkv, t = k_shared.shape[0], k_shared.shape[1]
     length = k_suffix.shape[2]
-    ct = _compute_dtype(q.dtype)
+    ct = compute_dtype(q.dtype)
     scale = 1.0 / math.sqrt(dh) if scale is None else scale
     qg = q.reshape(b, hkv, hq // hkv, dh).to(ct)
     n = suffix_lens.to(q.device).long().view(b, 1, 1, 1)
