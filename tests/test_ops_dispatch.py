@@ -118,3 +118,16 @@ def test_flex_backend_on_cpu_refuses_training_before_running():
     q.requires_grad_()
     with pytest.raises(BackendUnavailableError, match="forward-only"):
         ops.segment_attention(q, k, v, kp, vp, lens, block_len=5, backend="flex")
+
+
+def test_public_op_compiles_with_torch_compile_forward_and_backward():
+    q, k, v, kp, vp, lens = _seg(seed=11)
+    q.requires_grad_()
+    compiled = torch.compile(lambda *a: ops.segment_attention(*a, block_len=5, backend="torch"), fullgraph=True)
+    out = compiled(q, k, v, kp, vp, lens)
+    (grad,) = torch.autograd.grad(out.square().sum(), q)
+    q_ref = q.detach().clone().requires_grad_()
+    ref = reference.segment_attention(q_ref, k, v, kp, vp, lens, block_len=5)
+    (grad_ref,) = torch.autograd.grad(ref.square().sum(), q_ref)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad, grad_ref, rtol=1e-4, atol=1e-4)

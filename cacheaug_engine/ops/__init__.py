@@ -12,11 +12,13 @@ cacheaug_engine.triton_kernels.{segment_attention,decode} and cacheaug_engine.cu
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 
 from torch import Tensor
 
+from .. import reference
 from ..backends import resolve_backend
-from . import validate
+from . import torch_impl, validate
 
 _IMPL_MODULES = {
     ("segment_attention", "torch"): "cacheaug_engine.ops.torch_impl",
@@ -34,8 +36,19 @@ _IMPL_MODULES = {
 }
 
 
-def _impl(op: str, backend: str):
-    return getattr(importlib.import_module(_IMPL_MODULES[(op, backend)]), op)
+# Implementations resolved so far. The torch ones are bound at import so that a
+# torch.compile(fullgraph=True) trace through the torch backend never meets an import.
+_IMPLS: dict[tuple[str, str], Callable] = {
+    (op, "torch"): getattr(torch_impl if op != "merge_states" else reference, op)
+    for op in ("segment_attention", "decode_attention", "cascade_decode", "merge_states")
+}
+
+
+def _impl(op: str, backend: str) -> Callable:
+    fn = _IMPLS.get((op, backend))
+    if fn is None:
+        fn = _IMPLS[(op, backend)] = getattr(importlib.import_module(_IMPL_MODULES[(op, backend)]), op)
+    return fn
 
 
 def segment_attention(
