@@ -160,9 +160,7 @@ def _pick(logits: Tensor, temperature: float, top_k: int, gen: torch.Generator |
 
 
 @torch.no_grad()
-def _cascade_step(
-    decoder: Any, ids: Tensor, shared_k: list[Tensor], shared_v: list[Tensor], suffix: KVCache
-) -> Tensor:
+def _cascade_step(decoder: Any, ids: Tensor, shared_k: list[Tensor], shared_v: list[Tensor], suffix: KVCache) -> Tensor:
     """One decode step of n samples over a shared cache (per layer [Hkv, T, Dh]) + own suffixes."""
     t = shared_k[0].shape[1]
     suffix.reserve(suffix.max_len + 1)
@@ -219,18 +217,14 @@ def generate(
     gen = torch.Generator().manual_seed(seed)
     handle = latents
     if handle is None and coprocessor is not None:
-        handle = augment(
-            decoder, coprocessor, prompt_ids, capacity=p + coprocessor.num_latents + max_new_tokens + 1
-        )
+        handle = augment(decoder, coprocessor, prompt_ids, capacity=p + coprocessor.num_latents + max_new_tokens + 1)
     if handle is not None:
         if not torch.equal(handle.prompt_ids.to(dev), prompt_ids):
             raise ValueError("the latents were computed for a different prompt")
         start = p - 1 if handle.placement == "early" else p
-        cache = handle.cache
+        cache, handle.cache = handle.cache, None  # the cache grows in place: a handle's cache is used once
         if cache is None:
-            cache = prefill_prefix(
-                decoder, prompt_ids[:, :start], start + handle.latents.shape[1] + max_new_tokens + 1
-            )
+            cache = prefill_prefix(decoder, prompt_ids[:, :start], start + handle.latents.shape[1] + max_new_tokens + 1)
         logits = decoder.extend(inputs_embeds=handle.wait().to(dev), cache=cache)[:, -1]
         if handle.placement == "early":
             logits = decoder.decode_step(prompt_ids[:, -1], cache)

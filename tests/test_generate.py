@@ -53,9 +53,7 @@ def test_cascade_samples_match_single_decode_and_share_cache():
     one = generate(dec, prompt, coprocessor=cop, max_new_tokens=10)
     many = generate(dec, prompt, coprocessor=cop, max_new_tokens=10, num_samples=3)
     assert all(t == one.tokens[0] for t in many.tokens)
-    sampled = generate(
-        dec, prompt, coprocessor=cop, max_new_tokens=10, num_samples=4, temperature=1.0, seed=3
-    )
+    sampled = generate(dec, prompt, coprocessor=cop, max_new_tokens=10, num_samples=4, temperature=1.0, seed=3)
     assert len(sampled.tokens) == 4 and all(len(t) == 10 for t in sampled.tokens)
     again = generate(dec, prompt, coprocessor=cop, max_new_tokens=10, num_samples=4, temperature=1.0, seed=3)
     assert sampled.tokens == again.tokens
@@ -83,3 +81,13 @@ def test_one_token_prompt_early_placement():
     cop = _cop(dec, "early")
     g = generate(dec, torch.tensor([[5]]), coprocessor=cop, max_new_tokens=3)
     assert len(g.tokens[0]) == 3
+
+
+def test_handle_reused_twice_gives_same_output():
+    dec = tiny_decoder("llama")
+    cop = _cop(dec)
+    prompt = torch.randint(3, 256, (1, 6), generator=torch.Generator().manual_seed(7))
+    h = augment(dec, cop, prompt)
+    a = generate(dec, prompt, latents=h, max_new_tokens=4)
+    b = generate(dec, prompt, latents=h, max_new_tokens=4)
+    assert a.tokens == b.tokens
