@@ -46,6 +46,16 @@ def test_extension_imports_and_describes_itself():
         assert callable(getattr(C, name))
 
 
+def _lens_out_args(o_strides):
+    """lens (null, int32, stride 1), o, lse, scale, softcap, window, num_splits, workspace, bytes, stream."""
+    return [0, False, 1, 0, o_strides, 0, [], 0.1, 0.0, 0, 0, 0, 0, 0]
+
+
+def _decode_args(q_strides, kv_strides, o_strides):
+    """_C.decode_attention arguments (dtype, B, Hq, Hkv, Tmax, Dh, then pointers) with null pointers."""
+    return [2, 1, 8, 2, 16, 128, 0, q_strides, 0, kv_strides, 0, kv_strides, *_lens_out_args(o_strides)]
+
+
 @no_gpu
 def test_calls_without_gpu_raise_no_cuda_device():
     C = _load_ext()
@@ -54,67 +64,13 @@ def test_calls_without_gpu_raise_no_cuda_device():
     with pytest.raises(C.NoCudaDeviceError, match="no CUDA device"):
         C.decode_workspace(1, 8, 2, 128, 128)
     with pytest.raises(C.NoCudaDeviceError, match="no CUDA device"):
-        C.decode_attention(
-            2,
-            1,
-            8,
-            2,
-            16,
-            128,
-            0,
-            [1024, 128, 1],
-            0,
-            [4096, 2048, 128, 1],
-            0,
-            [4096, 2048, 128, 1],
-            0,
-            False,
-            1,
-            0,
-            [1024, 128, 1],
-            0,
-            [],
-            0.1,
-            0.0,
-            0,
-            0,
-            0,
-            0,
-            0,
-        )
+        C.decode_attention(*_decode_args([1024, 128, 1], [4096, 2048, 128, 1], [1024, 128, 1]))
     with pytest.raises(C.NoCudaDeviceError, match="no CUDA device"):
         C.cascade_decode(
-            2,
-            1,
-            8,
-            2,
-            16,
-            4,
-            128,
-            0,
-            [1024, 128, 1],
-            0,
-            [2048, 128, 1],
-            0,
-            [2048, 128, 1],
-            0,
-            [1024, 512, 128, 1],
-            0,
-            [1024, 512, 128, 1],
-            0,
-            False,
-            1,
-            0,
-            [1024, 128, 1],
-            0,
-            [],
-            0.1,
-            0.0,
-            0,
-            0,
-            0,
-            0,
-            0,
+            *[2, 1, 8, 2, 16, 4, 128],  # dtype, B, Hq, Hkv, T, L, Dh
+            *[0, [1024, 128, 1], 0, [2048, 128, 1], 0, [2048, 128, 1]],  # q, k_shared, v_shared
+            *[0, [1024, 512, 128, 1], 0, [1024, 512, 128, 1]],  # k_suffix, v_suffix
+            *_lens_out_args([1024, 128, 1]),
         )
     with pytest.raises(C.NoCudaDeviceError, match="no CUDA device"):
         C.merge_states(2, 4, 128, 0, 128, 1, 0, 1, 0, 128, 1, 0, 1, 0, 128, 1, 0, 1, 0)
@@ -124,34 +80,7 @@ def test_calls_without_gpu_raise_no_cuda_device():
 def test_bad_stride_list_is_a_value_error():
     C = _load_ext()
     with pytest.raises((ValueError, C.NoCudaDeviceError)):
-        C.decode_attention(
-            2,
-            1,
-            8,
-            2,
-            16,
-            128,
-            0,
-            [1, 1],
-            0,
-            [1, 1, 1, 1],
-            0,
-            [1, 1, 1, 1],
-            0,
-            False,
-            1,
-            0,
-            [1, 1, 1],
-            0,
-            [],
-            0.1,
-            0.0,
-            0,
-            0,
-            0,
-            0,
-            0,
-        )
+        C.decode_attention(*_decode_args([1, 1], [1, 1, 1, 1], [1, 1, 1]))
 
 
 @no_gpu
