@@ -8,14 +8,13 @@ and head dims 64, 128 and 256; other head dims raise (use backend="triton" or "t
 Nothing touches CUDA at import time; the extension is imported on first use.
 """
 
-import math
-
 import torch
 from torch import Tensor
 
 from .backends import BackendUnavailableError
+from .ops.decode_common import FLOAT_CODES, c_decode_args, public_decode_ops
 
-_DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+_DTYPES = {getattr(torch, name): code for name, code in FLOAT_CODES.items()}
 HEAD_DIMS = (64, 128, 256)
 
 
@@ -54,8 +53,8 @@ def _workspace(nbytes: int, device: torch.device) -> tuple[int, Tensor | None]:
     return ws.data_ptr(), ws
 
 
-def _scale(scale: float | None, dh: int) -> float:
-    return 1.0 / math.sqrt(dh) if scale is None else float(scale)
+def _ptr_strides(*tensors: Tensor) -> list[tuple[int, list[int]]]:
+    return [(t.data_ptr(), list(t.stride())) for t in tensors]
 
 
 @torch.library.custom_op("cacheaug_cuda::decode_attention", mutates_args=())
@@ -80,32 +79,11 @@ def _decode_op(
         _, nbytes = C.decode_workspace(b, hq, hkv, tmax, dh, 0)
         ws_ptr, ws = _workspace(nbytes, q.device)
         C.decode_attention(
-            _DTYPES[q.dtype],
-            b,
-            hq,
-            hkv,
-            tmax,
-            dh,
-            q.data_ptr(),
-            list(q.stride()),
-            k.data_ptr(),
-            list(k.stride()),
-            v.data_ptr(),
-            list(v.stride()),
-            lens.data_ptr(),
-            lens.dtype == torch.int64,
-            lens.stride(0),
-            o.data_ptr(),
-            list(o.stride()),
-            lse.data_ptr(),
-            list(lse.stride()),
-            _scale(scale, dh),
-            float(softcap or 0.0),
-            int(window or 0),
-            0,
-            ws_ptr,
-            nbytes,
-            _stream(q.device),
+            *c_decode_args(
+                _DTYPES[q.dtype], (b, hq, hkv, tmax, dh), _ptr_strides(q, k, v),
+                (lens.data_ptr(), lens.dtype == torch.int64, lens.stride(0)), *_ptr_strides(o, lse),
+                scale=scale, softcap=softcap, window=window, workspace=(ws_ptr, nbytes), stream=_stream(q.device),
+            )
         )
     return o, lse
 
@@ -141,37 +119,13 @@ def _cascade_op(
         _, _, nbytes = C.cascade_workspace(b, hq, hkv, t, length, dh, 0)
         ws_ptr, ws = _workspace(nbytes, q.device)
         C.cascade_decode(
-            _DTYPES[q.dtype],
-            b,
-            hq,
-            hkv,
-            t,
-            length,
-            dh,
-            q.data_ptr(),
-            list(q.stride()),
-            k_shared.data_ptr(),
-            list(k_shared.stride()),
-            v_shared.data_ptr(),
-            list(v_shared.stride()),
-            k_suffix.data_ptr(),
-            list(k_suffix.stride()),
-            v_suffix.data_ptr(),
-            list(v_suffix.stride()),
-            suffix_lens.data_ptr(),
-            suffix_lens.dtype == torch.int64,
-            suffix_lens.stride(0),
-            o.data_ptr(),
-            list(o.stride()),
-            lse.data_ptr(),
-            list(lse.stride()),
-            _scale(scale, dh),
-            float(softcap or 0.0),
-            int(window or 0),
-            0,
-            ws_ptr,
-            nbytes,
-            _stream(q.device),
+            *c_decode_args(
+                _DTYPES[q.dtype], (b, hq, hkv, t, length, dh),
+                _ptr_strides(q, k_shared, v_shared, k_suffix, v_suffix),
+                (suffix_lens.data_ptr(), suffix_lens.dtype == torch.int64, suffix_lens.stride(0)),
+                *_ptr_strides(o, lse), scale=scale, softcap=softcap, window=window, workspace=(ws_ptr, nbytes),
+                stream=_stream(q.device),
+            )
         )
     return o, lse
 
@@ -200,24 +154,8 @@ def _merge_op(o_a: Tensor, lse_a: Tensor, o_b: Tensor, lse_b: Tensor) -> tuple[T
     C = _ext()
     with torch.cuda.device(o_a.device):
         C.merge_states(
-            _DTYPES[o_a.dtype],
-            n,
-            dh,
-            oa.data_ptr(),
-            oa.stride(0),
-            oa.stride(1),
-            la.data_ptr(),
-            la.stride(0),
-            ob.data_ptr(),
-            ob.stride(0),
-            ob.stride(1),
-            lb.data_ptr(),
-            lb.stride(0),
-            o.data_ptr(),
-            dh,
-            1,
-            lse.data_ptr(),
-            1,
+            _DTYPES[o_a.dtype], n, dh, oa.data_ptr(), *oa.stride(), la.data_ptr(), *la.stride(),
+            ob.data_ptr(), *ob.stride(), lb.data_ptr(), *lb.stride(), o.data_ptr(), dh, 1, lse.data_ptr(), 1,
             _stream(o_a.device),
         )
     return o, lse
@@ -228,36 +166,7 @@ def _(o_a, lse_a, o_b, lse_b):
     return torch.empty_like(o_a), lse_a.new_empty(o_a.shape[:-1], dtype=torch.float32)
 
 
-def decode_attention(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    lens: Tensor,
-    *,
-    softcap: float | None = None,
-    window: int | None = None,
-    scale: float | None = None,
-    return_lse: bool = False,
-):
-    o, lse = _decode_op(q, k, v, lens, softcap, window, scale)
-    return (o, lse) if return_lse else o
-
-
-def cascade_decode(
-    q: Tensor,
-    k_shared: Tensor,
-    v_shared: Tensor,
-    k_suffix: Tensor,
-    v_suffix: Tensor,
-    suffix_lens: Tensor,
-    *,
-    softcap: float | None = None,
-    window: int | None = None,
-    scale: float | None = None,
-    return_lse: bool = False,
-):
-    o, lse = _cascade_op(q, k_shared, v_shared, k_suffix, v_suffix, suffix_lens, softcap, window, scale)
-    return (o, lse) if return_lse else o
+decode_attention, cascade_decode = public_decode_ops(_decode_op, _cascade_op)
 
 
 def merge_states(o_a: Tensor, lse_a: Tensor, o_b: Tensor, lse_b: Tensor) -> tuple[Tensor, Tensor]:

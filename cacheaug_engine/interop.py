@@ -20,8 +20,10 @@ import ctypes
 import math
 from dataclasses import dataclass
 
-# (code, bits) -> (name, C dtype code); DLPack codes: 0 int, 1 uint, 2 float, 4 bfloat
-_FLOAT_CODES = {"float32": 0, "float16": 1, "bfloat16": 2}
+from .ops.decode_common import FLOAT_CODES as _FLOAT_CODES
+from .ops.decode_common import c_decode_args
+
+# DLPack dtype codes: 0 int, 1 uint, 2 float, 4 bfloat
 _TYPESTR = {"<f4": "float32", "<f2": "float16", "<i4": "int32", "<i8": "int64"}
 _DLPACK = {(2, 32): "float32", (2, 16): "float16", (4, 16): "bfloat16", (0, 32): "int32", (0, 64): "int64"}
 _ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2, "int32": 4, "int64": 8}
@@ -193,6 +195,16 @@ def _ws(like, nbytes: int, workspace):
     return wa.ptr, buf
 
 
+def _launch_args(A: list[Array], sizes, oa: Array, la: Array, scale, softcap, window, ws_ptr, nbytes, stream):
+    """_C launcher arguments: A = the float inputs (q first) followed by the lengths array."""
+    *inputs, lens = A
+    return c_decode_args(
+        _FLOAT_CODES[A[0].dtype], sizes, [(a.ptr, a.strides) for a in inputs],
+        (lens.ptr, lens.dtype == "int64", lens.strides[0]), (oa.ptr, oa.strides), (la.ptr, la.strides),
+        scale=scale, softcap=softcap, window=window, workspace=(ws_ptr, nbytes), stream=stream,
+    )
+
+
 def decode_attention(
     q,
     k,
@@ -224,34 +236,8 @@ def decode_attention(
     o, lse, oa, la = _outputs(q, (b, hq, dh), A[0].dtype, out, lse_out)
     _, nbytes = C.decode_workspace(b, hq, hkv, tmax, dh, 0)
     ws_ptr, _keep = _ws(q, nbytes, workspace)
-    C.decode_attention(
-        _FLOAT_CODES[A[0].dtype],
-        b,
-        hq,
-        hkv,
-        tmax,
-        dh,
-        A[0].ptr,
-        list(A[0].strides),
-        A[1].ptr,
-        list(A[1].strides),
-        A[2].ptr,
-        list(A[2].strides),
-        A[3].ptr,
-        A[3].dtype == "int64",
-        A[3].strides[0],
-        oa.ptr,
-        list(oa.strides),
-        la.ptr,
-        list(la.strides),
-        1.0 / math.sqrt(dh) if scale is None else float(scale),
-        float(softcap or 0.0),
-        int(window or 0),
-        0,
-        ws_ptr,
-        nbytes,
-        _default_stream(q, stream),
-    )
+    C.decode_attention(*_launch_args(A, (b, hq, hkv, tmax, dh), oa, la, scale, softcap, window, ws_ptr, nbytes,
+                                     _default_stream(q, stream)))
     return o, lse
 
 
@@ -304,39 +290,8 @@ def cascade_decode(
     o, lse, oa, la = _outputs(q, (b, hq, dh), A[0].dtype, out, lse_out)
     _, _, nbytes = C.cascade_workspace(b, hq, hkv, t, length, dh, 0)
     ws_ptr, _keep = _ws(q, nbytes, workspace)
-    C.cascade_decode(
-        _FLOAT_CODES[A[0].dtype],
-        b,
-        hq,
-        hkv,
-        t,
-        length,
-        dh,
-        A[0].ptr,
-        list(A[0].strides),
-        A[1].ptr,
-        list(A[1].strides),
-        A[2].ptr,
-        list(A[2].strides),
-        A[3].ptr,
-        list(A[3].strides),
-        A[4].ptr,
-        list(A[4].strides),
-        A[5].ptr,
-        A[5].dtype == "int64",
-        A[5].strides[0],
-        oa.ptr,
-        list(oa.strides),
-        la.ptr,
-        list(la.strides),
-        1.0 / math.sqrt(dh) if scale is None else float(scale),
-        float(softcap or 0.0),
-        int(window or 0),
-        0,
-        ws_ptr,
-        nbytes,
-        _default_stream(q, stream),
-    )
+    C.cascade_decode(*_launch_args(A, (b, hq, hkv, t, length, dh), oa, la, scale, softcap, window, ws_ptr, nbytes,
+                                   _default_stream(q, stream)))
     return o, lse
 
 
@@ -353,25 +308,8 @@ def merge_states(o_a, lse_a, o_b, lse_b, *, out=None, lse_out=None, stream=None)
             raise ValueError(f"{name}: expected float32 ({n},), got {la.dtype} {la.shape}")
     o, lse, oa, la = _outputs(o_a, (n, dh), A[0].dtype, out, lse_out)
     _ext().merge_states(
-        _FLOAT_CODES[A[0].dtype],
-        n,
-        dh,
-        A[0].ptr,
-        A[0].strides[0],
-        A[0].strides[1],
-        A[1].ptr,
-        A[1].strides[0],
-        A[2].ptr,
-        A[2].strides[0],
-        A[2].strides[1],
-        A[3].ptr,
-        A[3].strides[0],
-        oa.ptr,
-        oa.strides[0],
-        oa.strides[1],
-        la.ptr,
-        la.strides[0],
-        _default_stream(o_a, stream),
+        _FLOAT_CODES[A[0].dtype], n, dh, A[0].ptr, *A[0].strides, A[1].ptr, *A[1].strides, A[2].ptr,
+        *A[2].strides, A[3].ptr, *A[3].strides, oa.ptr, *oa.strides, la.ptr, *la.strides, _default_stream(o_a, stream),
     )
     return o, lse
 

@@ -32,6 +32,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from cacheaug_engine.ops.decode_common import default_scale, public_decode_ops
+
 _MIN_CHUNK = 256
 _MAX_SPLITS = 64
 _WAVES = 2
@@ -346,24 +348,13 @@ def _launch_partial(
         lens,
         po,
         pl,
-        q.stride(0),
-        q.stride(1),
-        q.stride(2),
+        *q.stride(),  # [B, Hq, Dh]
         skb,
-        k.stride(-3),
-        k.stride(-2),
-        k.stride(-1),
+        *k.stride()[-3:],
         svb,
-        v.stride(-3),
-        v.stride(-2),
-        v.stride(-1),
-        po.stride(0),
-        po.stride(1),
-        po.stride(2),
-        po.stride(3),
-        pl.stride(0),
-        pl.stride(1),
-        pl.stride(2),
+        *v.stride()[-3:],
+        *po.stride(),  # [B, Hq, splits, Dh]
+        *pl.stride(),  # [B, Hq, splits]
         b,
         hkv,
         seg_t,
@@ -431,7 +422,7 @@ def decode_attention_impl(
     _check_dtype(q)
     b, hq, dh = q.shape
     hkv, tmax = k.shape[1], k.shape[2]
-    scale = 1.0 / math.sqrt(dh) if scale is None else float(scale)
+    scale = default_scale(scale, dh)
     ns, chunk = _chunking(tmax, b * hkv, q.device, splits)
     po = torch.empty((b, hq, ns, dh), dtype=torch.float32, device=q.device)
     pl = torch.empty((b, hq, ns), dtype=torch.float32, device=q.device)
@@ -480,7 +471,7 @@ def cascade_decode_impl(
     hkv, t = k_shared.shape[0], k_shared.shape[1]
     length = k_suffix.shape[2]
     g = hq // hkv
-    scale = 1.0 / math.sqrt(dh) if scale is None else float(scale)
+    scale = default_scale(scale, dh)
     bb = requests_per_program or max(1, min(b, max(1, 16 // g)))
     ns_a, chunk_a = _chunking(t, triton.cdiv(max(b, 1), bb) * hkv, q.device, splits)
     ns_b, chunk_b = _chunking(length, b * hkv, q.device, splits)
@@ -565,38 +556,6 @@ def merge_states(o_a: Tensor, lse_a: Tensor, o_b: Tensor, lse_b: Tensor) -> tupl
     return o.to(o_a.dtype).reshape(shape), lse.reshape(shape[:-1])
 
 
-def decode_attention(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    lens: Tensor,
-    *,
-    softcap: float | None = None,
-    window: int | None = None,
-    scale: float | None = None,
-    return_lse: bool = False,
-) -> Tensor | tuple[Tensor, Tensor]:
-    o, lse = decode_attention_impl(q, k, v, lens, softcap=softcap, window=window, scale=scale)
-    return (o, lse) if return_lse else o
-
-
-def cascade_decode(
-    q: Tensor,
-    k_shared: Tensor,
-    v_shared: Tensor,
-    k_suffix: Tensor,
-    v_suffix: Tensor,
-    suffix_lens: Tensor,
-    *,
-    softcap: float | None = None,
-    window: int | None = None,
-    scale: float | None = None,
-    return_lse: bool = False,
-) -> Tensor | tuple[Tensor, Tensor]:
-    o, lse = cascade_decode_impl(
-        q, k_shared, v_shared, k_suffix, v_suffix, suffix_lens, softcap=softcap, window=window, scale=scale
-    )
-    return (o, lse) if return_lse else o
-
+decode_attention, cascade_decode = public_decode_ops(decode_attention_impl, cascade_decode_impl)
 
 __all__ = ["decode_attention", "cascade_decode", "merge_states", "num_splits"]
