@@ -68,24 +68,19 @@ def block_local_mask(p: int, s: int, causal: bool, window: int | None, device: t
 
 
 def dense_segment_mask(prefix_lens: Tensor, t: int, s: int, causal: bool, window: int | None) -> Tensor:
-    """bool [B, 1, N*S, T + N*S]: the full mask over [prefix ; all block keys] (what SDPA needs)."""
+    """bool [B, 1, N*S, T + N*S]: the full mask over [prefix ; all block keys] (what SDPA needs).
+
+    The flex backend's mask_mod evaluated on the whole (request, query, key) grid at once."""
+    from cacheaug_engine.ops.flex_impl import segment_mask_mod
+
     b, n = prefix_lens.shape
     ns = n * s
     dev = prefix_lens.device
+    mask_mod = segment_mask_mod(prefix_lens.long(), t, s, causal, window)
+    rows = torch.arange(b, device=dev).view(b, 1, 1)
     q_idx = torch.arange(ns, device=dev).view(1, ns, 1)
-    kv = torch.arange(t + ns, device=dev).view(1, 1, t + ns)
-    blk = q_idx // s
-    row = q_idx % s
-    p = prefix_lens.long().gather(1, blk.view(1, ns).expand(b, ns)).view(b, ns, 1)
-    in_prefix = kv < t
-    local = kv - t
-    same = (local // s) == blk
-    local_ok = same & ((local % s) <= row) if causal else same
-    key_pos = torch.where(in_prefix, kv, p + (local % s))
-    vis = torch.where(in_prefix, kv < p, local_ok)
-    if window is not None:
-        vis = vis & (key_pos > p + row - window)
-    return vis.unsqueeze(1)
+    kv_idx = torch.arange(t + ns, device=dev).view(1, 1, t + ns)
+    return mask_mod(rows, None, q_idx, kv_idx).unsqueeze(1)
 
 
 def flash_attn_segment(
