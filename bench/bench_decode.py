@@ -98,6 +98,21 @@ def _flashinfer_reason():
     return "unavailable: flashinfer imports but its paged-KV wrapper is not wired into this script"
 
 
+def _recorder(row: dict, gbs_key: str, nbytes: int, device: torch.device, bw: float, warmup: int, iters: int):
+    """record(name, fn): fn's median time, bandwidth (nbytes per call) and % of copy bandwidth into row[name]."""
+
+    def record(name, fn):
+        try:
+            sec = _timer(device, fn, warmup, iters)
+        except Exception as exc:  # noqa: BLE001
+            row[name] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
+            return
+        gbs = nbytes / sec / 1e9
+        row[name] = {"ms": sec * 1e3, gbs_key: gbs, "pct_copy_bw": 100 * gbs * 1e9 / bw if bw else None}
+
+    return record
+
+
 def _decode_one(device, dtype, t, b, backends, bw, warmup, iters, fa_fn, fa_reason, fi_reason) -> dict:
     from cacheaug_engine import ops
 
@@ -119,14 +134,7 @@ def _decode_one(device, dtype, t, b, backends, bw, warmup, iters, fa_fn, fa_reas
         "bytes": nbytes,
     }
 
-    def record(name, fn):
-        try:
-            sec = _timer(device, fn, warmup, iters)
-        except Exception as exc:  # noqa: BLE001
-            row[name] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
-            return
-        gbs = nbytes / sec / 1e9
-        row[name] = {"ms": sec * 1e3, "GB/s": gbs, "pct_copy_bw": 100 * gbs * 1e9 / bw if bw else None}
+    record = _recorder(row, "GB/s", nbytes, device, bw, warmup, iters)
 
     q4 = q.unsqueeze(2)
     record("sdpa", lambda: F.scaled_dot_product_attention(q4, k, v, enable_gqa=True))
@@ -194,14 +202,7 @@ def bench_cascade(device, dtype, b, t, length, backends, bw, warmup, iters) -> d
             outs.append(F.scaled_dot_product_attention(q[i : i + 1].unsqueeze(2), kc, vc, enable_gqa=True))
         return torch.cat(outs)
 
-    def record(name, fn):
-        try:
-            sec = _timer(device, fn, warmup, iters)
-        except Exception as exc:  # noqa: BLE001
-            row[name] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
-            return
-        gbs = nbytes / sec / 1e9
-        row[name] = {"ms": sec * 1e3, "unique_GB/s": gbs, "pct_copy_bw": 100 * gbs * 1e9 / bw if bw else None}
+    record = _recorder(row, "unique_GB/s", nbytes, device, bw, warmup, iters)
 
     record("concat_sdpa_per_request", baseline)
     for name, reason in backends.items():

@@ -59,26 +59,35 @@ def _sdpa_decode(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: fl
     return peers.sdpa(q.unsqueeze(2), k, v, mask, scale).squeeze(2)
 
 
+def _section(ctx: BenchContext, op: str, shapes: list[DecodeShape], dtype: torch.dtype, names: list[str],
+             one: Callable[[BenchContext, DecodeShape, torch.dtype, list[str]], None]) -> None:
+    ctx.start_section(op, len(shapes) * len(names))
+    for sh in shapes:
+        one(ctx, sh, dtype, names)
+    ctx.close_section()
+
+
+def _inputs(ctx: BenchContext, make: Callable[[torch.Generator], dict[str, Any]]) -> dict[str, Any]:
+    """make(a generator seeded 0); {} when over the time budget, {"error": exc} when making fails (OOM)."""
+    if ctx.over_budget():
+        return {}
+    try:
+        return make(torch.Generator().manual_seed(0))
+    except Exception as exc:  # noqa: BLE001
+        return {"error": exc}
+
+
 def run_decode(ctx: BenchContext, shapes: list[DecodeShape], dtype: torch.dtype) -> None:
     names = [*OUR_BACKENDS, "peer:sdpa", "peer:flash_attn", "peer:flashinfer"]
-    ctx.start_section("decode_attention", len(shapes) * len(names))
-    for sh in shapes:
-        _decode_one(ctx, sh, dtype, names)
-    ctx.close_section()
+    _section(ctx, "decode_attention", shapes, dtype, names, _decode_one)
 
 
 def _decode_one(ctx: BenchContext, sh: DecodeShape, dtype: torch.dtype, names: list[str]) -> None:
     elt = torch.finfo(dtype).bits // 8
-    x: dict[str, Any] = {}
-    if not ctx.over_budget():
-        try:
-            g = torch.Generator().manual_seed(0)
-            x = {"q": _rnd(g, ctx.device, dtype, sh.b, sh.hq, sh.dh),
-                 "k": _rnd(g, ctx.device, dtype, sh.b, sh.hkv, sh.t, sh.dh),
-                 "v": _rnd(g, ctx.device, dtype, sh.b, sh.hkv, sh.t, sh.dh),
-                 "lens": torch.full((sh.b,), sh.t, dtype=torch.int32, device=ctx.device)}
-        except Exception as exc:  # noqa: BLE001
-            x = {"error": exc}
+    x = _inputs(ctx, lambda g: {"q": _rnd(g, ctx.device, dtype, sh.b, sh.hq, sh.dh),
+                                "k": _rnd(g, ctx.device, dtype, sh.b, sh.hkv, sh.t, sh.dh),
+                                "v": _rnd(g, ctx.device, dtype, sh.b, sh.hkv, sh.t, sh.dh),
+                                "lens": torch.full((sh.b,), sh.t, dtype=torch.int32, device=ctx.device)})
     lens_cpu = torch.full((sh.b,), sh.t, dtype=torch.int32)
     work = Work(flops=F.decode_flops(lens_cpu, sh.hq, sh.dh, sh.window),
                 bytes=F.decode_bytes(lens_cpu, sh.hq, sh.hkv, sh.dh, elt, sh.window), memory_bound=True)
@@ -118,28 +127,19 @@ def _decode_one(ctx: BenchContext, sh: DecodeShape, dtype: torch.dtype, names: l
 def run_cascade(ctx: BenchContext, shapes: list[DecodeShape], dtype: torch.dtype) -> None:
     names = [*OUR_BACKENDS, "peer:concat_sdpa", "peer:decode_copies", "peer:flash_attn",
              "peer:flashinfer_shared"]
-    ctx.start_section("cascade_decode", len(shapes) * len(names))
-    for sh in shapes:
-        _cascade_one(ctx, sh, dtype, names)
-    ctx.close_section()
+    _section(ctx, "cascade_decode", shapes, dtype, names, _cascade_one)
 
 
 def _cascade_one(ctx: BenchContext, sh: DecodeShape, dtype: torch.dtype, names: list[str]) -> None:
     elt = torch.finfo(dtype).bits // 8
     length = sh.suffix
     suffix_lens_cpu = torch.tensor([length - (b % 4) for b in range(sh.b)], dtype=torch.int32)
-    x: dict[str, Any] = {}
-    if not ctx.over_budget():
-        try:
-            g = torch.Generator().manual_seed(0)
-            x = {"q": _rnd(g, ctx.device, dtype, sh.b, sh.hq, sh.dh),
-                 "ks": _rnd(g, ctx.device, dtype, sh.hkv, sh.t, sh.dh),
-                 "vs": _rnd(g, ctx.device, dtype, sh.hkv, sh.t, sh.dh),
-                 "kx": _rnd(g, ctx.device, dtype, sh.b, sh.hkv, length, sh.dh),
-                 "vx": _rnd(g, ctx.device, dtype, sh.b, sh.hkv, length, sh.dh),
-                 "lens": suffix_lens_cpu.to(ctx.device)}
-        except Exception as exc:  # noqa: BLE001
-            x = {"error": exc}
+    x = _inputs(ctx, lambda g: {"q": _rnd(g, ctx.device, dtype, sh.b, sh.hq, sh.dh),
+                                "ks": _rnd(g, ctx.device, dtype, sh.hkv, sh.t, sh.dh),
+                                "vs": _rnd(g, ctx.device, dtype, sh.hkv, sh.t, sh.dh),
+                                "kx": _rnd(g, ctx.device, dtype, sh.b, sh.hkv, length, sh.dh),
+                                "vx": _rnd(g, ctx.device, dtype, sh.b, sh.hkv, length, sh.dh),
+                                "lens": suffix_lens_cpu.to(ctx.device)})
     work = Work(flops=F.cascade_flops(sh.b, sh.t, suffix_lens_cpu, sh.hq, sh.dh),
                 bytes=F.cascade_bytes(sh.b, sh.t, suffix_lens_cpu, sh.hq, sh.hkv, sh.dh, elt),
                 memory_bound=True)

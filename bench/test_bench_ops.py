@@ -36,30 +36,33 @@ def _synced(fn, device: torch.device):
     return run
 
 
-@pytest.mark.parametrize("name", ["torch", "triton", "flex", "peer:sdpa_dense", "peer:naive_loop"])
-def test_segment_attention_fwd(benchmark, device, name):
+def _skip_unavailable(name: str, device: torch.device) -> None:
     from cacheaug_engine.backends import backend_reason
 
-    shape = _shape(device)
     if not name.startswith("peer:") and backend_reason(name, device) is not None:
         pytest.skip(backend_reason(name, device))
-    x = ops_segment._inputs(shape, device, _dtype(device), grad=False)
-    fwd = ops_segment._peer(name[5:], shape, x, False) if name.startswith("peer:") else \
+
+
+def _segment_fwd(name: str, device: torch.device, grad: bool):
+    """(forward callable, inputs) of one segment_attention backend or peer on this device's shape."""
+    _skip_unavailable(name, device)
+    shape = _shape(device)
+    x = ops_segment._inputs(shape, device, _dtype(device), grad=grad)
+    fwd = ops_segment._peer(name[5:], shape, x, grad) if name.startswith("peer:") else \
         ops_segment._ours(name, shape, x)
+    return fwd, x
+
+
+@pytest.mark.parametrize("name", ["torch", "triton", "flex", "peer:sdpa_dense", "peer:naive_loop"])
+def test_segment_attention_fwd(benchmark, device, name):
+    fwd, _ = _segment_fwd(name, device, grad=False)
     with torch.no_grad():
         benchmark(_synced(fwd, device))
 
 
 @pytest.mark.parametrize("name", ["torch", "triton", "peer:sdpa_dense"])
 def test_segment_attention_fwdbwd(benchmark, device, name):
-    from cacheaug_engine.backends import backend_reason
-
-    shape = _shape(device)
-    if not name.startswith("peer:") and backend_reason(name, device) is not None:
-        pytest.skip(backend_reason(name, device))
-    x = ops_segment._inputs(shape, device, _dtype(device), grad=True)
-    fwd = ops_segment._peer(name[5:], shape, x, True) if name.startswith("peer:") else \
-        ops_segment._ours(name, shape, x)
+    fwd, x = _segment_fwd(name, device, grad=True)
     step, zero = ops_segment._with_backward(fwd, x, True)
 
     def run():
@@ -74,10 +77,8 @@ def test_decode_attention(benchmark, device, name):
     from cacheaug_engine.bench.peers import sdpa
 
     from cacheaug_engine import decode_attention
-    from cacheaug_engine.backends import backend_reason
 
-    if not name.startswith("peer:") and backend_reason(name, device) is not None:
-        pytest.skip(backend_reason(name, device))
+    _skip_unavailable(name, device)
     b, hq, hkv, dh, t = (16, 32, 8, 128, 32768) if device.type == "cuda" else (2, 9, 3, 64, 512)
     dt = _dtype(device)
     q = torch.randn(b, hq, dh, device=device, dtype=dt)
