@@ -57,6 +57,29 @@ def _ptr_strides(*tensors: Tensor) -> list[tuple[int, list[int]]]:
     return [(t.data_ptr(), list(t.stride())) for t in tensors]
 
 
+def _launch(launcher: str, workspace_query: str, q: Tensor, sizes: tuple[int, ...], kv: tuple[Tensor, ...],
+            lens: Tensor, softcap: float | None, window: int | None, scale: float | None) -> tuple[Tensor, Tensor]:
+    """Allocate o [B,Hq,Dh] and lse, size the split-KV workspace, call _C.<launcher>; sizes are the
+    launcher's (B, Hq, ..., Dh), which are also _C.<workspace_query>'s first arguments."""
+    b, hq, dh = q.shape
+    o = torch.empty((b, hq, dh), dtype=q.dtype, device=q.device)
+    lse = torch.empty((b, hq), dtype=torch.float32, device=q.device)
+    if b * hq == 0:
+        return o, lse
+    C = _ext()
+    with torch.cuda.device(q.device):
+        nbytes = getattr(C, workspace_query)(*sizes, 0)[-1]
+        ws_ptr, ws = _workspace(nbytes, q.device)
+        getattr(C, launcher)(
+            *c_decode_args(
+                _DTYPES[q.dtype], sizes, _ptr_strides(q, *kv),
+                (lens.data_ptr(), lens.dtype == torch.int64, lens.stride(0)), *_ptr_strides(o, lse),
+                scale=scale, softcap=softcap, window=window, workspace=(ws_ptr, nbytes), stream=_stream(q.device),
+            )
+        )
+    return o, lse
+
+
 @torch.library.custom_op("cacheaug_cuda::decode_attention", mutates_args=())
 def _decode_op(
     q: Tensor,
@@ -68,24 +91,8 @@ def _decode_op(
     scale: float | None,
 ) -> tuple[Tensor, Tensor]:
     _check(q, "decode_attention")
-    b, hq, dh = q.shape
-    hkv, tmax = k.shape[1], k.shape[2]
-    o = torch.empty((b, hq, dh), dtype=q.dtype, device=q.device)
-    lse = torch.empty((b, hq), dtype=torch.float32, device=q.device)
-    if b * hq == 0:
-        return o, lse
-    C = _ext()
-    with torch.cuda.device(q.device):
-        _, nbytes = C.decode_workspace(b, hq, hkv, tmax, dh, 0)
-        ws_ptr, ws = _workspace(nbytes, q.device)
-        C.decode_attention(
-            *c_decode_args(
-                _DTYPES[q.dtype], (b, hq, hkv, tmax, dh), _ptr_strides(q, k, v),
-                (lens.data_ptr(), lens.dtype == torch.int64, lens.stride(0)), *_ptr_strides(o, lse),
-                scale=scale, softcap=softcap, window=window, workspace=(ws_ptr, nbytes), stream=_stream(q.device),
-            )
-        )
-    return o, lse
+    sizes = (q.shape[0], q.shape[1], k.shape[1], k.shape[2], q.shape[2])  # B, Hq, Hkv, Tmax, Dh
+    return _launch("decode_attention", "decode_workspace", q, sizes, (k, v), lens, softcap, window, scale)
 
 
 @_decode_op.register_fake
@@ -108,26 +115,9 @@ def _cascade_op(
 ) -> tuple[Tensor, Tensor]:
     _check(q, "cascade_decode")
     b, hq, dh = q.shape
-    hkv, t = k_shared.shape[0], k_shared.shape[1]
-    length = k_suffix.shape[2]
-    o = torch.empty((b, hq, dh), dtype=q.dtype, device=q.device)
-    lse = torch.empty((b, hq), dtype=torch.float32, device=q.device)
-    if b * hq == 0:
-        return o, lse
-    C = _ext()
-    with torch.cuda.device(q.device):
-        _, _, nbytes = C.cascade_workspace(b, hq, hkv, t, length, dh, 0)
-        ws_ptr, ws = _workspace(nbytes, q.device)
-        C.cascade_decode(
-            *c_decode_args(
-                _DTYPES[q.dtype], (b, hq, hkv, t, length, dh),
-                _ptr_strides(q, k_shared, v_shared, k_suffix, v_suffix),
-                (suffix_lens.data_ptr(), suffix_lens.dtype == torch.int64, suffix_lens.stride(0)),
-                *_ptr_strides(o, lse), scale=scale, softcap=softcap, window=window, workspace=(ws_ptr, nbytes),
-                stream=_stream(q.device),
-            )
-        )
-    return o, lse
+    sizes = (b, hq, k_shared.shape[0], k_shared.shape[1], k_suffix.shape[2], dh)  # B, Hq, Hkv, T, L, Dh
+    inputs = (k_shared, v_shared, k_suffix, v_suffix)
+    return _launch("cascade_decode", "cascade_workspace", q, sizes, inputs, suffix_lens, softcap, window, scale)
 
 
 @_cascade_op.register_fake

@@ -195,14 +195,21 @@ def _ws(like, nbytes: int, workspace):
     return wa.ptr, buf
 
 
-def _launch_args(A: list[Array], sizes, oa: Array, la: Array, scale, softcap, window, ws_ptr, nbytes, stream):
-    """_C launcher arguments: A = the float inputs (q first) followed by the lengths array."""
+def _launch(launcher, workspace_query, like, A: list[Array], sizes, out, lse_out, workspace, stream, **opts):
+    """Outputs, workspace, then the _C launcher: A = the float inputs (q first) + the lengths array;
+    sizes = the launcher's sizes (B, Hq, ..., Dh), which are also workspace_query's first arguments."""
     *inputs, lens = A
-    return c_decode_args(
-        _FLOAT_CODES[A[0].dtype], sizes, [(a.ptr, a.strides) for a in inputs],
-        (lens.ptr, lens.dtype == "int64", lens.strides[0]), (oa.ptr, oa.strides), (la.ptr, la.strides),
-        scale=scale, softcap=softcap, window=window, workspace=(ws_ptr, nbytes), stream=stream,
+    o, lse, oa, la = _outputs(like, (sizes[0], sizes[1], sizes[-1]), A[0].dtype, out, lse_out)
+    nbytes = workspace_query(*sizes, 0)[-1]
+    ws_ptr, _keep = _ws(like, nbytes, workspace)
+    launcher(
+        *c_decode_args(
+            _FLOAT_CODES[A[0].dtype], sizes, [(a.ptr, a.strides) for a in inputs],
+            (lens.ptr, lens.dtype == "int64", lens.strides[0]), (oa.ptr, oa.strides), (la.ptr, la.strides),
+            workspace=(ws_ptr, nbytes), stream=_default_stream(like, stream), **opts,
+        )
     )
+    return o, lse
 
 
 def decode_attention(
@@ -233,12 +240,8 @@ def decode_attention(
         )
     _lens("lens", A[3], b)
     C = _ext()
-    o, lse, oa, la = _outputs(q, (b, hq, dh), A[0].dtype, out, lse_out)
-    _, nbytes = C.decode_workspace(b, hq, hkv, tmax, dh, 0)
-    ws_ptr, _keep = _ws(q, nbytes, workspace)
-    C.decode_attention(*_launch_args(A, (b, hq, hkv, tmax, dh), oa, la, scale, softcap, window, ws_ptr, nbytes,
-                                     _default_stream(q, stream)))
-    return o, lse
+    return _launch(C.decode_attention, C.decode_workspace, q, A, (b, hq, hkv, tmax, dh), out, lse_out, workspace,
+                   stream, scale=scale, softcap=softcap, window=window)
 
 
 def cascade_decode(
@@ -287,12 +290,8 @@ def cascade_decode(
         raise ValueError(f"shapes do not match q {A[0].shape}: shared {A[1].shape}, suffix {A[3].shape}")
     _lens("suffix_lens", A[5], b)
     C = _ext()
-    o, lse, oa, la = _outputs(q, (b, hq, dh), A[0].dtype, out, lse_out)
-    _, _, nbytes = C.cascade_workspace(b, hq, hkv, t, length, dh, 0)
-    ws_ptr, _keep = _ws(q, nbytes, workspace)
-    C.cascade_decode(*_launch_args(A, (b, hq, hkv, t, length, dh), oa, la, scale, softcap, window, ws_ptr, nbytes,
-                                   _default_stream(q, stream)))
-    return o, lse
+    return _launch(C.cascade_decode, C.cascade_workspace, q, A, (b, hq, hkv, t, length, dh), out, lse_out,
+                   workspace, stream, scale=scale, softcap=softcap, window=window)
 
 
 def merge_states(o_a, lse_a, o_b, lse_b, *, out=None, lse_out=None, stream=None):
