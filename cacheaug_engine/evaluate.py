@@ -36,7 +36,10 @@ def evaluate_objective(
     autocast_dtype: torch.dtype | None = None,
     progress: Any = None,
 ) -> dict[str, Any]:
-    """Mean CE per position over ``sequences`` [n, T] at fixed points (start 1, every ``stride``).
+    """Mean CE per position over ``sequences`` [n, T] at fixed points p = stride, 2*stride, ...
+
+    Points start after ``stride`` tokens of context (a point at p = 1 would put the latents at
+    the very start of the sequence, where an LM's attention sink sits).
 
     Returns {"ahead", "ce_aug" [N_A], "ce_base" [N_A], "ce_diff_se" [N_A] (standard error of the
     paired per-target difference), "num_targets_per_position", "num_sequences", "seconds"}.
@@ -57,7 +60,9 @@ def evaluate_objective(
     t0 = time.perf_counter()
     for i in range(0, sequences.shape[0], batch_size):
         ids = sequences[i : i + batch_size].to(dev)
-        pos = stride_positions(ids.shape[0], t, na, stride=stride, max_positions=max_positions, device=dev)
+        pos = stride_positions(
+            ids.shape[0], t, na, stride=stride, start=min(stride, t - na), max_positions=max_positions, device=dev
+        )
         ctx = torch.autocast(dev.type, dtype=autocast_dtype) if autocast_dtype else _null()
         with ctx:
             out = objective(ids, pos)

@@ -56,6 +56,7 @@ class TrainConfig:
     num_latents: int = 8
     ahead: int = 16
     positions: int = 8  # augmentation points per sequence per step
+    min_prefix: int = 8  # smallest augmentation point drawn (tokens of context before the latents)
     placement: str = "paper"
     lora_rank: int = 32  # 0 = full fine-tune of a copy
     lora_alpha: float | None = None
@@ -88,10 +89,10 @@ class TrainConfig:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
-        if self.positions + self.ahead >= self.seq_len + 1:
-            raise ValueError(
-                f"seq_len {self.seq_len} too short for {self.positions} positions with ahead={self.ahead}"
-            )
+        if self.min_prefix < 1:
+            raise ValueError(f"min_prefix must be >= 1, got {self.min_prefix}")
+        if self.positions + self.ahead + self.min_prefix >= self.seq_len + 2:
+            raise ValueError(f"seq_len {self.seq_len} too short for {self.positions} positions with ahead={self.ahead}")
         CoprocessorConfig(**self.coprocessor_kwargs())
 
     def coprocessor_kwargs(self) -> dict[str, Any]:
@@ -193,9 +194,7 @@ class TrainResult:
     seconds: float
 
 
-def build_coprocessor(
-    decoder, cfg: TrainConfig, log: Callable[[str], None] = print
-) -> tuple[Coprocessor, Any]:
+def build_coprocessor(decoder, cfg: TrainConfig, log: Callable[[str], None] = print) -> tuple[Coprocessor, Any]:
     """A fresh coprocessor from ``cfg``, or one loaded from ``cfg.init_from`` (returns it and that ckpt)."""
     if cfg.init_from:
         ck = load_checkpoint(cfg.init_from, with_optimizer=False)
@@ -268,7 +267,12 @@ def train(
         cop, _ = build_coprocessor(decoder, cfg, log)
     cop.to(dev)
     objective = CacheAugmentationObjective(
-        decoder, cop, ahead=cfg.ahead, num_positions=cfg.positions, grad_checkpoint=cfg.grad_checkpoint
+        decoder,
+        cop,
+        ahead=cfg.ahead,
+        num_positions=cfg.positions,
+        grad_checkpoint=cfg.grad_checkpoint,
+        min_prefix=cfg.min_prefix,
     )
     objective.generator.manual_seed(cfg.seed + 1)
     opt = make_optimizer(cop, cfg)
@@ -307,9 +311,7 @@ def train(
             "decoder": cfg.model,
             "lr": lr_at(max(at_step - 1, 0), cfg),
         }
-        return save_checkpoint(
-            ckpt_path, coprocessor=cop.trainable_state(), state=state, optimizer_tensors=tensors
-        )
+        return save_checkpoint(ckpt_path, coprocessor=cop.trainable_state(), state=state, optimizer_tensors=tensors)
 
     def run_eval(at_step: int) -> None:
         held = corpus.heldout[: cfg.eval_seqs]
