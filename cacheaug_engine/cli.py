@@ -54,7 +54,6 @@ def _add_train_flags(p: argparse.ArgumentParser, *, demo: bool = False) -> None:
         ("--ahead", int, "N_A, target tokens scored after each point"),
         ("--positions", int, "augmentation points per sequence per step"),
         ("--min-prefix", int, "smallest augmentation point (context tokens before the latents)"),
-        ("--min-prefix", int, "smallest augmentation point (context tokens before the latents)"),
         ("--lora-rank", int, "LoRA rank (0 = full fine-tune of a copy)"),
         ("--lora-alpha", float, "LoRA alpha (default = rank)"),
         ("--scale-init", float, "initial latent scale (default: embedding RMS / hidden RMS)"),
