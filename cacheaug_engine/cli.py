@@ -214,6 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--from-scratch", action="store_true", help="ignore the shipped coprocessor")
     d.add_argument("--prompt", help="prompt for the generation example (default: held-out text)")
     d.add_argument("--max-new-tokens", type=int, default=24, help="tokens generated in the example")
+    d.add_argument("--eval-ahead", type=int, default=8, help="positions scored after each point in the eval")
     d.set_defaults(func=cmd_demo)
 
     t = sub.add_parser("train", help="train a coprocessor", description="Train a coprocessor (see --help).")

@@ -6,8 +6,9 @@ The demo, on the default decoder (SmolLM2-135M) and the default text (Python's d
    package's own trainer on the *training* split; the command that made it is recorded
    beside it) or, with ``--from-scratch``, from a fresh one;
 2. trains / fine-tunes it for a few steps on the training split;
-3. evaluates held-out per-position perplexity with and without latents on documents that
-   neither the shipped model nor the fine-tuning saw;
+3. evaluates held-out per-position perplexity with and without latents (positions 1..8 after
+   augmentation points every 8 tokens) on documents that neither the shipped model nor the
+   fine-tuning saw;
 4. prints the table and one augmented vs plain generation, and writes OUT/report.json,
    OUT/ppl.png and OUT/checkpoint.
 
@@ -44,7 +45,7 @@ DEMO_DEFAULTS: dict[str, Any] = dict(
     save_every=0,
     out="runs/demo",
 )
-CPU_SCALE = dict(steps=8, eval_seqs=32)
+CPU_SCALE = dict(steps=8, eval_seqs=64)
 GPU_SCALE = dict(steps=300, eval_seqs=1000, batch_size=16)
 FINETUNE_LR = 2e-4
 
@@ -56,6 +57,7 @@ def shipped_coprocessor() -> Path | None:
 
 def run_demo(args: Any) -> int:
     """Run the demo (see module docstring). Returns the exit code."""
+    from .augment.objective import CacheAugmentationObjective
     from .checkpoint import load_checkpoint
     from .cli import UsageError, _train_config
     from .data import decode, encode, eos_id, load_corpus
@@ -80,7 +82,7 @@ def run_demo(args: Any) -> int:
             warmup=0,
         )
         tc = ck.state.get("train_config", {})
-        base.update({k: tc[k] for k in ("ahead", "seq_len") if k in tc})
+        base.update({k: tc[k] for k in ("ahead", "seq_len", "positions", "min_prefix") if k in tc})
     cfg = _train_config(args, base)
     if cfg.steps < 0:
         raise UsageError("--steps must be >= 0")
@@ -110,7 +112,11 @@ def run_demo(args: Any) -> int:
     print(f"evaluating on {held.shape[0]} held-out sequences (documents never trained on) ...")
     t = time.perf_counter()
     amp = torch.bfloat16 if dev.type == "cuda" else None
-    ev = evaluate_objective(res.objective, held, batch_size=cfg.batch_size, autocast_dtype=amp)
+    eval_ahead = args.eval_ahead or cfg.ahead
+    if eval_ahead < 1 or eval_ahead + 8 > cfg.seq_len:
+        raise UsageError(f"--eval-ahead must be in [1, {cfg.seq_len - 8}]")
+    eval_obj = CacheAugmentationObjective(decoder, res.coprocessor, ahead=eval_ahead)
+    ev = evaluate_objective(eval_obj, held, batch_size=cfg.batch_size, autocast_dtype=amp)
     tab = report_table(ev)
     t_eval = time.perf_counter() - t
     print(
