@@ -45,7 +45,7 @@ DEMO_DEFAULTS: dict[str, Any] = dict(
     save_every=0,
     out="runs/demo",
 )
-CPU_SCALE = dict(steps=8, eval_seqs=64)
+CPU_SCALE = dict(steps=30, eval_seqs=1000)  # eval: every held-out sequence (184 by default)
 GPU_SCALE = dict(steps=300, eval_seqs=1000, batch_size=16)
 FINETUNE_LR = 2e-4
 
