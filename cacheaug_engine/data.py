@@ -157,9 +157,7 @@ def is_heldout(doc_id: str, heldout_frac: float, seed: int = 0) -> bool:
     return h < heldout_frac
 
 
-def split_documents(
-    docs: list[Document], heldout_frac: float, seed: int = 0
-) -> tuple[list[Document], list[Document]]:
+def split_documents(docs: list[Document], heldout_frac: float, seed: int = 0) -> tuple[list[Document], list[Document]]:
     """(train, heldout) by :func:`is_heldout`; guarantees one held-out doc when there are >= 2."""
     if not 0.0 <= heldout_frac < 1.0:
         raise ValueError(f"heldout_frac must be in [0, 1), got {heldout_frac}")

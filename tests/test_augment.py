@@ -37,9 +37,7 @@ class _ReadOnlyCache(KVCache):
         return None
 
 
-def naive_loss(
-    decoder, cop: Coprocessor, ids: torch.Tensor, positions: torch.Tensor, ahead: int
-) -> torch.Tensor:
+def naive_loss(decoder, cop: Coprocessor, ids: torch.Tensor, positions: torch.Tensor, ahead: int) -> torch.Tensor:
     """Per position separately: prefill x[:p] (x[:p-1] when "early"), run the coprocessor over that
     cache (Decoder.extend with the soft tokens), then one ordinary causal pass of the decoder over
     [x[:p] ; latents ; x[p:p+N_A-1]] scoring x[p:p+N_A]."""

@@ -24,9 +24,27 @@ def setup(tmp_path_factory):
     text = d / "text.txt"
     text.write_text(TEXT)
     return d, [
-        "--model", f"random:{cfg}", "--data", str(text), "--seq-len", "40", "--batch-size", "2",
-        "--num-latents", "2", "--ahead", "3", "--positions", "4", "--lora-rank", "2", "--no-progress",
-        "--heldout-frac", "0.2", "--device", "cpu",
+        "--model",
+        f"random:{cfg}",
+        "--data",
+        str(text),
+        "--seq-len",
+        "40",
+        "--batch-size",
+        "2",
+        "--num-latents",
+        "2",
+        "--ahead",
+        "3",
+        "--positions",
+        "4",
+        "--lora-rank",
+        "2",
+        "--no-progress",
+        "--heldout-frac",
+        "0.2",
+        "--device",
+        "cpu",
     ]
 
 
@@ -70,8 +88,21 @@ def test_demo_tiny(setup, tmp_path, monkeypatch):
     d, common = setup
     monkeypatch.setenv("CACHEAUG_CACHE", str(d / "cache"))
     out = tmp_path / "demo"
-    argv = ["demo", *common, "--from-scratch", "--steps", "2", "--eval-seqs", "2", "--out", str(out),
-            "--max-new-tokens", "3", "--placement", "paper"]
+    argv = [
+        "demo",
+        *common,
+        "--from-scratch",
+        "--steps",
+        "2",
+        "--eval-seqs",
+        "2",
+        "--out",
+        str(out),
+        "--max-new-tokens",
+        "3",
+        "--placement",
+        "paper",
+    ]
     assert main(argv) == 0
     rep = json.loads((out / "report.json").read_text())
     assert len(rep["positions"]) == len(rep["baseline_ppl"]) == len(rep["augmented_ppl"])
@@ -109,11 +140,14 @@ def test_errors_are_one_line(argv, needle, capsys):
 def test_entry_point_subprocess(tmp_path):
     r = subprocess.run(
         [sys.executable, "-m", "cacheaug_engine.cli", "eval", str(tmp_path / "missing")],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
-    r = subprocess.run([sys.executable, "-m", "cacheaug_engine.cli", "info"], capture_output=True, text=True,
-                       timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-m", "cacheaug_engine.cli", "info"], capture_output=True, text=True, timeout=120
+    )
     assert r.returncode == 0 and "backends" in r.stdout
 
 

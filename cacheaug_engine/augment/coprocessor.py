@@ -78,9 +78,7 @@ def _embedding_weight(decoder: nn.Module) -> Tensor | None:
 
 
 @torch.no_grad()
-def _embedding_stats(
-    decoder: nn.Module, generator: torch.Generator, sample: int = 4096
-) -> tuple[Tensor, Tensor]:
+def _embedding_stats(decoder: nn.Module, generator: torch.Generator, sample: int = 4096) -> tuple[Tensor, Tensor]:
     """Per-dim mean and std of decoder.embed over random vocabulary tokens (fp32 [d] each)."""
     vocab = decoder.cfg.vocab_size
     ids = torch.randint(0, vocab, (1, min(sample, vocab)), generator=generator).to(_device(decoder))
@@ -204,16 +202,12 @@ class Coprocessor(nn.Module):
         missing = [k for k in self.trainable_state() if k not in state]
         unexpected = [k for k in state if k not in own]
         if strict and (missing or unexpected):
-            raise ValueError(
-                f"coprocessor state mismatch: missing {missing[:5]}, unexpected {unexpected[:5]}"
-            )
+            raise ValueError(f"coprocessor state mismatch: missing {missing[:5]}, unexpected {unexpected[:5]}")
         with torch.no_grad():
             for k, v in state.items():
                 if k in own:
                     if own[k].shape != v.shape:
-                        raise ValueError(
-                            f"coprocessor state {k}: shape {tuple(v.shape)} != {tuple(own[k].shape)}"
-                        )
+                        raise ValueError(f"coprocessor state {k}: shape {tuple(v.shape)} != {tuple(own[k].shape)}")
                     own[k].copy_(v)
 
     # -- compute ------------------------------------------------------------------------------
@@ -231,9 +225,7 @@ class Coprocessor(nn.Module):
         if torch.is_autocast_enabled(cache.k[0].device.type):
             dtype = torch.get_autocast_dtype(cache.k[0].device.type)
         x = self.soft_tokens.to(dtype).unsqueeze(0).expand(b * n, nl, -1).reshape(b, n * nl, -1)
-        hidden = self.model.forward_blocks(
-            x, layout.copro_pos, cache, layout.prefix_lens, nl, output="hidden"
-        )
+        hidden = self.model.forward_blocks(x, layout.copro_pos, cache, layout.prefix_lens, nl, output="hidden")
         z = hidden.view(b, n, nl, -1)
         return z * self.scale().to(z.dtype).view(1, 1, nl, 1)
 

@@ -57,9 +57,7 @@ def sample_positions(
     lo, hi = position_range(seq_len, ahead, min_prefix)
     span = hi - lo + 1
     if num_positions > span:
-        raise ValueError(
-            f"num_positions {num_positions} > {span} valid positions (seq_len {seq_len}, ahead {ahead})"
-        )
+        raise ValueError(f"num_positions {num_positions} > {span} valid positions (seq_len {seq_len}, ahead {ahead})")
     keys = torch.rand(batch, span, generator=generator)
     picks = keys.argsort(dim=1)[:, :num_positions].sort(dim=1).values + lo
     return picks.to(device)

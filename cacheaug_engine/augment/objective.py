@@ -110,9 +110,7 @@ class CacheAugmentationObjective(nn.Module):
             min_prefix=self.min_prefix,
         )
 
-    def forward(
-        self, input_ids: Tensor, positions: Tensor | None = None, *, baseline: bool = True
-    ) -> ObjectiveOutput:
+    def forward(self, input_ids: Tensor, positions: Tensor | None = None, *, baseline: bool = True) -> ObjectiveOutput:
         """Score ``input_ids`` [B, T] at ``positions`` [B, N] (random when None).
 
         ``baseline=False`` skips nothing expensive (the prefill runs anyway) but leaves
@@ -131,9 +129,7 @@ class CacheAugmentationObjective(nn.Module):
                 rows = lay.baseline_idx.reshape(b, n * na)
                 tb = torch.gather(input_ids, 1, lay.target_idx.reshape(b, n * na))
                 lb = torch.gather(logits_base, 1, rows.unsqueeze(-1).expand(-1, -1, logits_base.shape[-1]))
-                ce_base = F.cross_entropy(lb.flatten(0, 1).float(), tb.reshape(-1), reduction="none").view(
-                    b, n, na
-                )
+                ce_base = F.cross_entropy(lb.flatten(0, 1).float(), tb.reshape(-1), reduction="none").view(b, n, na)
             else:
                 ce_base = torch.full((b, n, na), float("nan"))
             del logits_base
@@ -145,9 +141,7 @@ class CacheAugmentationObjective(nn.Module):
         h_t = hidden.view(b, n, s, -1)[:, :, s - na :].reshape(b * n * na, -1)
         targets = torch.gather(input_ids, 1, lay.target_idx.reshape(b, n * na)).reshape(-1)
         ce = _chunked_ce(dec, h_t, targets).view(b, n, na)
-        return ObjectiveOutput(
-            loss=ce.mean(), ce_aug=ce.detach(), ce_base=ce_base.float(), positions=positions
-        )
+        return ObjectiveOutput(loss=ce.mean(), ce_aug=ce.detach(), ce_base=ce_base.float(), positions=positions)
 
     def _decoder_blocks(self, x: Tensor, pos: Tensor, cache, prefix_lens: Tensor, block_len: int) -> Tensor:
         return self.decoder.forward_blocks(x, pos, cache, prefix_lens, block_len, output="hidden")
