@@ -65,6 +65,24 @@ def _dq_step(dq, q, do, k, v, vis, lse2, delta, qk_scale, softcap,
 
 
 @triton.jit
+def _load_rows(Q, DO, LSE, DELTA, b, h, n, row_ok, offs_d, d_ok, sqb, sqh, sqn, sqd, sdb, sdh, sdn, sdd,
+               HKV, NS, GROUP: tl.constexpr, DOT_F32: tl.constexpr):
+    """A packed-row tile's q, dO, lse (base 2) and delta: what both backward kernels read per row."""
+    rmask = row_ok[:, None] & d_ok[None, :]
+    q = tl.load(Q + b * sqb + h[:, None] * sqh + n[:, None] * sqn + offs_d[None, :] * sqd,
+                mask=rmask, other=0.0)
+    do = tl.load(DO + b * sdb + h[:, None] * sdh + n[:, None] * sdn + offs_d[None, :] * sdd,
+                 mask=rmask, other=0.0)
+    if DOT_F32:
+        q = q.to(tl.float32)
+        do = do.to(tl.float32)
+    stat = (b * (HKV * GROUP) + h) * NS + n
+    lse2 = tl.load(LSE + stat, mask=row_ok, other=0.0) * 1.4426950408889634
+    delta = tl.load(DELTA + stat, mask=row_ok, other=0.0)
+    return q, do, lse2, delta, rmask
+
+
+@triton.jit
 def _dq_kernel(
     Q, K, V, KP, VP, PL, DO, LSE, DELTA, DQ,
     sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
@@ -83,17 +101,8 @@ def _dq_kernel(
     h = kvh * GROUP + g
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
-    rmask = row_ok[:, None] & d_ok[None, :]
-    q = tl.load(Q + b * sqb + h[:, None] * sqh + n[:, None] * sqn + offs_d[None, :] * sqd,
-                mask=rmask, other=0.0)
-    do = tl.load(DO + b * sdb + h[:, None] * sdh + n[:, None] * sdn + offs_d[None, :] * sdd,
-                 mask=rmask, other=0.0)
-    if DOT_F32:
-        q = q.to(tl.float32)
-        do = do.to(tl.float32)
-    stat = (b * (HKV * GROUP) + h) * NS + n
-    lse2 = tl.load(LSE + stat, mask=row_ok, other=0.0) * 1.4426950408889634
-    delta = tl.load(DELTA + stat, mask=row_ok, other=0.0)
+    q, do, lse2, delta, rmask = _load_rows(Q, DO, LSE, DELTA, b, h, n, row_ok, offs_d, d_ok,
+                                           sqb, sqh, sqn, sqd, sdb, sdh, sdn, sdd, HKV, NS, GROUP, DOT_F32)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     p_lo, p_hi, l_lo, l_hi = _row_key_ranges(row_ok, n, blk, p, i, NS, S, window, CAUSAL, HAS_WINDOW, BLOCK_N)
 
@@ -174,17 +183,8 @@ def _dkdv_kernel(
     for start in range(n_lo * GROUP, r_stop, BLOCK_M):
         row_ok, n, g, blk, i, p = _row_tile(start, r_stop, PL, b, N, NS, S, GROUP, BLOCK_M)
         h = kvh * GROUP + g
-        rmask = row_ok[:, None] & d_ok[None, :]
-        q = tl.load(Q + b * sqb + h[:, None] * sqh + n[:, None] * sqn + offs_d[None, :] * sqd,
-                    mask=rmask, other=0.0)
-        do = tl.load(DO + b * sdb + h[:, None] * sdh + n[:, None] * sdn + offs_d[None, :] * sdd,
-                     mask=rmask, other=0.0)
-        if DOT_F32:
-            q = q.to(tl.float32)
-            do = do.to(tl.float32)
-        stat = (b * (HKV * GROUP) + h) * NS + n
-        lse2 = tl.load(LSE + stat, mask=row_ok, other=0.0) * 1.4426950408889634
-        delta = tl.load(DELTA + stat, mask=row_ok, other=0.0)
+        q, do, lse2, delta, _ = _load_rows(Q, DO, LSE, DELTA, b, h, n, row_ok, offs_d, d_ok,
+                                               sqb, sqh, sqn, sqd, sdb, sdh, sdn, sdd, HKV, NS, GROUP, DOT_F32)
         s, t = _scores(k, tl.trans(q), qk_scale, softcap, HAS_SOFTCAP, INPUT_PRECISION)  # [BLOCK_N, BLOCK_M]
         vis = (kb[:, None] == blk[None, :]) & m_ok[:, None] & row_ok[None, :]
         if CAUSAL:
