@@ -143,6 +143,21 @@ class Decoder(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight
 
     @classmethod
+    def from_weights(cls, cfg: DecoderConfig, state: dict[str, Tensor], source: object = None) -> Decoder:
+        """A frozen Decoder holding ``state`` (our parameter names); the module is built on the meta
+        device so no memory is spent on weights that are replaced at once. A missing or mis-shaped
+        tensor raises ValueError, prefixed with ``source`` (e.g. the file it came from)."""
+        with torch.device("meta"):
+            model = cls(cfg)
+        try:
+            model.load_weights(state)
+        except ValueError as e:
+            if source is None:
+                raise
+            raise ValueError(f"{source}: {e}") from None
+        return model
+
+    @classmethod
     def from_config(cls, cfg: DecoderConfig, dtype: torch.dtype = torch.float32, seed: int = 0) -> Decoder:
         """Random weights (for tests): N(0, 0.02) matrices, norm weights and biases jittered."""
         gen = torch.Generator().manual_seed(seed)
@@ -158,8 +173,7 @@ class Decoder(nn.Module):
             else:
                 w = 0.02 * torch.randn(p.shape, generator=gen)
             state[name] = w.to(dtype)
-        model.load_weights(state)
-        return model
+        return cls.from_weights(cfg, state)
 
     def load_weights(self, state: dict[str, Tensor]) -> None:
         """Assign a full state dict (our parameter names), re-tie, freeze. Errors name missing keys."""

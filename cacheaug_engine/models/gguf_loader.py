@@ -166,10 +166,4 @@ def load_gguf_decoder(path: str | Path, dtype: torch.dtype = torch.float32) -> D
     """A frozen Decoder from a .gguf file; its weights are a private copy in ``dtype``."""
     cfg, cached = read_gguf_weights(path)
     state = {k: v.to(dtype=dtype, copy=True) for k, v in cached.items()}
-    with torch.device("meta"):
-        model = Decoder(cfg)
-    try:
-        model.load_weights(state)
-    except ValueError as e:
-        raise ValueError(f"{path}: {e}") from None
-    return model
+    return Decoder.from_weights(cfg, state, source=path)

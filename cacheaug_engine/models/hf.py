@@ -107,10 +107,4 @@ def load_hf_decoder(path: str | Path, dtype: torch.dtype = torch.float32) -> Dec
         ours = hf_to_ours(name, cfg)
         if ours is not None:
             state[ours] = tensor.to(dtype)
-    with torch.device("meta"):
-        model = Decoder(cfg)
-    try:
-        model.load_weights(state)
-    except ValueError as e:
-        raise ValueError(f"{path}: {e}") from None
-    return model
+    return Decoder.from_weights(cfg, state, source=path)
