@@ -59,11 +59,12 @@ def run_demo(args: Any) -> int:
     """Run the demo (see module docstring). Returns the exit code."""
     from .augment.objective import CacheAugmentationObjective
     from .checkpoint import load_checkpoint
-    from .cli import UsageError, _train_config
+    from .cli_args import UsageError, train_config_from_args
     from .data import decode, encode, eos_id, load_corpus
     from .evaluate import evaluate_objective, format_table, plot_tables, report_table, write_json
     from .generate import generate
-    from .train import load_model, load_tok, pick_device, train
+    from .startup import autocast_dtype, load_model, load_tok, pick_device
+    from .train import train
 
     t0 = time.perf_counter()
     dev = pick_device(args.device or "auto")
@@ -83,7 +84,7 @@ def run_demo(args: Any) -> int:
         )
         tc = ck.state.get("train_config", {})
         base.update({k: tc[k] for k in ("ahead", "seq_len", "positions", "min_prefix") if k in tc})
-    cfg = _train_config(args, base)
+    cfg = train_config_from_args(args, base)
     if cfg.steps < 0:
         raise UsageError("--steps must be >= 0")
     out = Path(cfg.out)
@@ -111,7 +112,7 @@ def run_demo(args: Any) -> int:
     held = corpus.heldout[: cfg.eval_seqs]
     print(f"evaluating on {held.shape[0]} held-out sequences (documents never trained on) ...")
     t = time.perf_counter()
-    amp = torch.bfloat16 if dev.type == "cuda" else None
+    amp = autocast_dtype(dev)
     eval_ahead = args.eval_ahead or cfg.ahead
     if eval_ahead < 1 or eval_ahead + 8 > cfg.seq_len:
         raise UsageError(f"--eval-ahead must be in [1, {cfg.seq_len - 8}]")
@@ -195,12 +196,12 @@ def run_demo(args: Any) -> int:
 
 def run_generate_cli(args: Any) -> int:
     """``cacheaug generate``: augmented (or plain) continuation of --prompt."""
-    from .augment.coprocessor import Coprocessor, CoprocessorConfig
     from .checkpoint import load_checkpoint
-    from .cli import UsageError
+    from .cli_args import UsageError
     from .data import decode, encode, eos_id
     from .generate import augment, generate, load_latents, save_latents
-    from .train import TrainConfig, load_model, load_tok, pick_device
+    from .startup import coprocessor_from_checkpoint, load_model, load_tok, pick_device
+    from .train_config import TrainConfig
 
     if args.max_new_tokens < 1 or args.num_samples < 1:
         raise UsageError("--max-new-tokens and --num-samples must be >= 1")
@@ -224,8 +225,7 @@ def run_generate_cli(args: Any) -> int:
     if args.latents:
         handle = load_latents(args.latents, dev)
     elif need_cop:
-        cop = Coprocessor(decoder, config=CoprocessorConfig.from_dict(ck.coprocessor_config)).to(dev)
-        cop.load_trainable_state(ck.coprocessor)
+        cop = coprocessor_from_checkpoint(decoder, ck, device=dev)
         cop.eval()
         handle = augment(decoder, cop, prompt, capacity=len(ids) + cop.num_latents + args.max_new_tokens + 1)
         if args.save_latents:

@@ -21,6 +21,7 @@ from torch import Tensor
 
 from .augment.layout import stride_positions
 from .augment.objective import CacheAugmentationObjective
+from .startup import autocast
 
 REPORT_POSITIONS = (1, 2, 4, 8, 16, 32)
 
@@ -63,8 +64,7 @@ def evaluate_objective(
         pos = stride_positions(
             ids.shape[0], t, na, stride=stride, start=min(stride, t - na), max_positions=max_positions, device=dev
         )
-        ctx = torch.autocast(dev.type, dtype=autocast_dtype) if autocast_dtype else _null()
-        with ctx:
+        with autocast(dev, autocast_dtype):
             out = objective(ids, pos)
         sum_aug += out.ce_aug.double().flatten(0, 1).sum(0).cpu()
         sum_base += out.ce_base.double().flatten(0, 1).sum(0).cpu()
@@ -84,14 +84,6 @@ def evaluate_objective(
         "num_sequences": int(sequences.shape[0]),
         "seconds": time.perf_counter() - t0,
     }
-
-
-class _null:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *a: Any) -> None:
-        return None
 
 
 def report_table(result: dict[str, Any]) -> dict[str, Any]:
@@ -190,10 +182,10 @@ def write_json(obj: Any, path: str | os.PathLike) -> Path:
 
 def run_eval_cli(args: Any) -> int:
     """``cacheaug eval CKPT ...``: one table per checkpoint on the same held-out sequences."""
-    from .augment.coprocessor import Coprocessor, CoprocessorConfig
     from .checkpoint import load_checkpoint
     from .data import load_corpus
-    from .train import TrainConfig, load_model, load_tok, pick_device
+    from .startup import autocast_dtype, coprocessor_from_checkpoint, load_model, load_tok, pick_device
+    from .train_config import TrainConfig
 
     ckpts = [load_checkpoint(p, with_optimizer=False) for p in args.checkpoints]
     first = TrainConfig.from_dict(ckpts[0].state["train_config"])
@@ -212,12 +204,10 @@ def run_eval_cli(args: Any) -> int:
     results = []
     for ck in ckpts:
         cfg = TrainConfig.from_dict(ck.state["train_config"])
-        cop = Coprocessor(decoder, config=CoprocessorConfig.from_dict(ck.coprocessor_config)).to(dev)
-        cop.load_trainable_state(ck.coprocessor)
+        cop = coprocessor_from_checkpoint(decoder, ck, device=dev)
         ahead = args.ahead or cfg.ahead
         obj = CacheAugmentationObjective(decoder, cop, ahead=ahead)
-        amp = torch.bfloat16 if dev.type == "cuda" else None
-        res = evaluate_objective(obj, held, batch_size=args.batch_size, autocast_dtype=amp)
+        res = evaluate_objective(obj, held, batch_size=args.batch_size, autocast_dtype=autocast_dtype(dev))
         tab = report_table(res)
         label = f"N_L={cop.num_latents} ({Path(ck.path).parent.name or ck.path})"
         if label in tables:

@@ -8,12 +8,11 @@ state, step (the schedule is a function of it), the data loader's position, the 
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,134 +28,10 @@ from .checkpoint import (
     rng_tensors,
     save_checkpoint,
 )
-from .data import ByteTokenizer, Corpus, SequenceLoader, load_corpus
+from .data import Corpus, SequenceLoader, load_corpus
 from .evaluate import evaluate_objective, format_table, report_table
-
-
-@dataclass
-class TrainConfig:
-    """All settings of a training run (also the JSON accepted by ``--config``)."""
-
-    model: str = "default"  # "default" (SmolLM2-135M), a HF dir / .gguf path, or "random:<config.json>"
-    tokenizer: str | None = None  # None = the model's own; "bytes"; or a path
-    data: list[str] = field(default_factory=list)  # text / JSONL files; empty = default corpus
-    seq_len: int = 128
-    batch_size: int = 4
-    grad_accum: int = 1
-    steps: int = 100
-    lr: float = 1e-3
-    soft_lr_mult: float = 1.0  # learning-rate multiplier for soft tokens and latent scale
-    min_lr_ratio: float = 0.1
-    warmup: int = 10
-    weight_decay: float = 0.0
-    clip: float = 1.0
-    num_latents: int = 8
-    ahead: int = 16
-    positions: int = 8  # augmentation points per sequence per step
-    min_prefix: int = 8  # smallest augmentation point drawn (tokens of context before the latents)
-    placement: str = "paper"
-    lora_rank: int = 32  # 0 = full fine-tune of a copy
-    lora_alpha: float | None = None
-    scale_mode: str = "learned"
-    scale_init: float | None = None
-    soft_init: str = "stats"
-    init_from: str | None = None  # start from this coprocessor checkpoint (its coprocessor config wins)
-    heldout_frac: float = 0.05
-    max_chars: int | None = None
-    eval_every: int = 0
-    eval_seqs: int = 16
-    save_every: int = 0
-    out: str = "runs/cacheaug"
-    seed: int = 0
-    device: str = "auto"
-    grad_checkpoint: bool = False
-    threads: int | None = None
-    stop_after: int | None = None  # stop this invocation after this many steps (schedule still uses `steps`)
-
-    def validate(self) -> None:
-        """Raise ValueError naming the first bad value."""
-        positive = ("seq_len", "batch_size", "grad_accum", "num_latents", "ahead", "positions", "eval_seqs")
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("steps", "warmup", "eval_every", "save_every", "lora_rank"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
-        if not 0 <= self.min_lr_ratio <= 1:
-            raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
-        if self.min_prefix < 1:
-            raise ValueError(f"min_prefix must be >= 1, got {self.min_prefix}")
-        if self.positions + self.ahead + self.min_prefix >= self.seq_len + 2:
-            raise ValueError(f"seq_len {self.seq_len} too short for {self.positions} positions with ahead={self.ahead}")
-        CoprocessorConfig(**self.coprocessor_kwargs())
-
-    def coprocessor_kwargs(self) -> dict[str, Any]:
-        """The CoprocessorConfig fields these settings describe."""
-        return dict(
-            num_latents=self.num_latents,
-            lora_rank=self.lora_rank or None,
-            lora_alpha=self.lora_alpha,
-            placement=self.placement,
-            scale_mode=self.scale_mode,
-            scale_init=self.scale_init,
-            soft_init=self.soft_init,
-        )
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
-        """Build from a dict, rejecting unknown keys with a clear message."""
-        known = {f.name for f in fields(cls)}
-        bad = sorted(set(d) - known)
-        if bad:
-            raise ValueError(f"unknown config keys: {', '.join(bad)}")
-        return cls(**d)
-
-
-# -- model / tokenizer -----------------------------------------------------------------------------
-def load_model(spec: str, device: str | torch.device = "cpu"):
-    """A frozen Decoder for "default", a model path, or "random:<config.json>" (fp32)."""
-    from .models import Decoder, DecoderConfig, default_model_path, load_decoder
-
-    if spec.startswith("random:"):
-        cfg_path = Path(spec[len("random:") :])
-        if not cfg_path.is_file():
-            raise FileNotFoundError(f"{cfg_path}: no such decoder config file")
-        cfg = DecoderConfig.from_dict(json.loads(cfg_path.read_text()))
-        model = Decoder.from_config(cfg, dtype=torch.float32, seed=0)
-    elif spec == "default":
-        model = load_decoder(default_model_path())
-    else:
-        if not Path(spec).exists():
-            raise FileNotFoundError(f"{spec}: no such model file or directory")
-        model = load_decoder(spec)
-    return model.to(device)
-
-
-def load_tok(spec: str | None, model_spec: str) -> Any:
-    """The tokenizer: "bytes", a path, or (None) the model's own."""
-    from .models import default_model_path, load_tokenizer
-
-    if spec == "bytes":
-        return ByteTokenizer()
-    if spec is None:
-        if model_spec.startswith("random:"):
-            return ByteTokenizer()
-        spec = str(default_model_path()) if model_spec == "default" else model_spec
-    if not Path(spec).exists():
-        raise FileNotFoundError(f"{spec}: no such tokenizer file or directory")
-    return load_tokenizer(spec)
-
-
-def pick_device(name: str) -> torch.device:
-    """ "auto" -> cuda when available, else cpu."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device cuda requested but no CUDA device is available")
-    return dev
+from .startup import autocast, autocast_dtype, coprocessor_from_checkpoint, load_model, load_tok, pick_device
+from .train_config import TrainConfig
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -184,9 +59,7 @@ def build_coprocessor(decoder, cfg: TrainConfig, log: Callable[[str], None] = pr
     """A fresh coprocessor from ``cfg``, or one loaded from ``cfg.init_from`` (returns it and that ckpt)."""
     if cfg.init_from:
         ck = load_checkpoint(cfg.init_from, with_optimizer=False)
-        ccfg = CoprocessorConfig.from_dict(ck.coprocessor_config)
-        cop = Coprocessor(decoder, config=ccfg, seed=cfg.seed)
-        cop.load_trainable_state(ck.coprocessor)
+        cop = coprocessor_from_checkpoint(decoder, ck, seed=cfg.seed)
         log(f"initialised the coprocessor from {ck.path} (step {ck.state.get('step')})")
         return cop, ck
     return Coprocessor(decoder, config=CoprocessorConfig(**cfg.coprocessor_kwargs()), seed=cfg.seed), None
@@ -246,9 +119,7 @@ def train(
         log(f"data: {corpus.describe()}")
     torch.manual_seed(cfg.seed)
     if resumed is not None:
-        ccfg = CoprocessorConfig.from_dict(resumed.coprocessor_config)
-        cop = Coprocessor(decoder, config=ccfg, seed=cfg.seed)
-        cop.load_trainable_state(resumed.coprocessor)
+        cop = coprocessor_from_checkpoint(decoder, resumed, seed=cfg.seed)
     else:
         cop, _ = build_coprocessor(decoder, cfg, log)
     cop.to(dev)
@@ -274,7 +145,7 @@ def train(
         step = int(resumed.state["step"])
         restore_rng(resumed, {"positions": objective.generator})
         log(f"resumed from {resumed.path} at step {step}")
-    amp = torch.bfloat16 if dev.type == "cuda" else None
+    amp = autocast_dtype(dev)
     params = [p for p in cop.parameters() if p.requires_grad]
     n_train = sum(p.numel() for p in params)
     kind = "full copy" if cop.config.lora_rank is None else f"LoRA r={cop.config.lora_rank}"
@@ -325,10 +196,7 @@ def train(
         loss_sum, base_sum, pos1_a, pos1_b = 0.0, 0.0, 0.0, 0.0
         for _ in range(cfg.grad_accum):
             ids = loader.next_batch().to(dev)
-            if amp is not None:
-                with torch.autocast(dev.type, dtype=amp):
-                    res = objective(ids)
-            else:
+            with autocast(dev, amp):
                 res = objective(ids)
             (res.loss / cfg.grad_accum).backward()
             loss_sum += res.loss.item() / cfg.grad_accum

@@ -34,15 +34,11 @@ from torch import Tensor
 
 from cacheaug_engine.ops.decode_common import default_scale, public_decode_ops
 
+from .common import tanh
+
 _MIN_CHUNK = 256
 _MAX_SPLITS = 64
 _WAVES = 2
-
-
-@triton.jit
-def _tanh(x):
-    # tanh(x) = 1 - 2 / (exp(2x) + 1): exact limits at +-inf, fine accuracy for softcap.
-    return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
 
 
 @triton.jit
@@ -140,7 +136,7 @@ def _partial_kernel(
         k = tl.load(kbase + n[:, None] * skt + d[None, :] * skd, mask=kv_mask, other=0.0).to(tl.float32)
         s = tl.sum(q[:, None, :] * k[None, :, :], axis=2) * scale
         if HAS_SOFTCAP:
-            s = softcap * _tanh(s / softcap)
+            s = softcap * tanh(s / softcap)
         vis = (n[None, :] < seg_len[:, None]) & nmask[None, :]
         if HAS_WINDOW:
             vis = vis & ((POS_OFF + n)[None, :] > (qpos - WINDOW)[:, None])

@@ -26,8 +26,8 @@ log in fp32 [B, Hq, N*S]. Softcap c*tanh(s/c) is applied before masking. fp32 in
 IEEE fp32 dots unless torch.backends.cuda.matmul.allow_tf32 is set. Under
 TRITON_INTERPRET=1, bf16 tiles are cast to fp32 before tl.dot (DESIGN.md section 7).
 
-The backward kernels live in segment_attention_bwd.py, tile configs in
-segment_attention_configs.py. The public entry point is `segment_attention` below, a thin
+The backward kernels live in segment_attention_bwd.py, the jit and launch helpers both use in
+common.py, tile configs in segment_attention_configs.py. The public entry point is `segment_attention` below, a thin
 wrapper over the torch.library custom ops `cacheaug::segment_attention_fwd` / `_bwd`.
 """
 
@@ -43,95 +43,25 @@ except ImportError as exc:  # pragma: no cover - backends.py reports this before
     raise ImportError("cacheaug_engine.triton_kernels.segment_attention needs triton") from exc
 
 from . import segment_attention_configs as cfgs
+from .common import (
+    common_meta,
+    launch,
+    local_visible,
+    prefix_visible,
+    row_key_ranges,
+    row_tile,
+    scores,
+    strides,
+)
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_HEAD_DIM = 256
 
 
-# ----------------------------------------------------------------------------- jit helpers
-
-
-@triton.jit
-def _tanh(x):
-    # tanh through exp2: exact enough in fp32 and available on every backend (interpreter too).
-    e = tl.exp2(x * 2.8853900817779268)  # exp(2x)
-    return 1.0 - 2.0 / (e + 1.0)
-
-
-@triton.jit
-def _row_tile(r_start, r_stop, PL, b, N, NS, S, GROUP: tl.constexpr, BLOCK_M: tl.constexpr):
-    """Packed rows r in [r_start, r_start + BLOCK_M): query row n, head-in-group g, block, i, p."""
-    offs_r = r_start + tl.arange(0, BLOCK_M)
-    row_ok = offs_r < r_stop
-    n = tl.where(row_ok, offs_r // GROUP, 0)
-    g = offs_r % GROUP
-    blk = n // S
-    i = n - blk * S
-    p = tl.load(PL + b * N + blk, mask=row_ok, other=0)
-    return row_ok, n, g, blk, i, p
-
-
-@triton.jit
-def _row_key_ranges(row_ok, n, blk, p, i, NS, S, window,
-                    CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Key ranges a row tile must visit: prefix [p_lo, p_hi), block keys [l_lo, l_hi)."""
-    big = 2147483647
-    p_hi = tl.max(tl.where(row_ok, p, 0), axis=0)
-    n_first = tl.min(tl.where(row_ok, n, big), axis=0)
-    n_last = tl.max(tl.where(row_ok, n, 0), axis=0)
-    blk_first = n_first // S
-    blk_last = n_last // S
-    l_lo = blk_first * S
-    if CAUSAL:
-        l_hi = n_last + 1
-    else:
-        l_hi = tl.minimum((blk_last + 1) * S, NS)
-    if HAS_WINDOW:
-        p_lo = tl.min(tl.where(row_ok, p + i - window + 1, big), axis=0)
-        p_lo = tl.maximum(p_lo, 0)
-        p_lo = (p_lo // BLOCK_N) * BLOCK_N
-        l_lo = tl.maximum(l_lo, n_first - window + 1)
-    else:
-        p_lo = p_hi * 0
-    return p_lo, p_hi, l_lo, l_hi
-
-
-@triton.jit
-def _scores(q, kT, qk_scale, softcap, HAS_SOFTCAP: tl.constexpr, INPUT_PRECISION: tl.constexpr):
-    """Scaled (and soft-capped) scores in base 2, plus tanh for the softcap derivative."""
-    s = tl.dot(q, kT, input_precision=INPUT_PRECISION) * qk_scale
-    if HAS_SOFTCAP:
-        t = _tanh(s / softcap)
-        s = softcap * t
-    else:
-        t = s
-    return s * 1.4426950408889634, t
-
-
-@triton.jit
-def _prefix_visible(offs_j, p, i, window, HAS_WINDOW: tl.constexpr):
-    vis = offs_j[None, :] < p[:, None]
-    if HAS_WINDOW:
-        vis = vis & (offs_j[None, :] > (p + i)[:, None] - window)
-    return vis
-
-
-@triton.jit
-def _local_visible(offs_m, NS, S, blk, i, window, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr):
-    kb = offs_m // S
-    ki = offs_m - kb * S
-    vis = (kb[None, :] == blk[:, None]) & (offs_m[None, :] < NS)
-    if CAUSAL:
-        vis = vis & (ki[None, :] <= i[:, None])
-    if HAS_WINDOW:
-        vis = vis & (ki[None, :] > i[:, None] - window)
-    return vis
-
-
 @triton.jit
 def _online_step(acc, m_i, l_i, q, kT, v, vis, qk_scale, softcap,
                  HAS_SOFTCAP: tl.constexpr, INPUT_PRECISION: tl.constexpr):
-    s, _ = _scores(q, kT, qk_scale, softcap, HAS_SOFTCAP, INPUT_PRECISION)
+    s, _ = scores(q, kT, qk_scale, softcap, HAS_SOFTCAP, INPUT_PRECISION)
     s = tl.where(vis, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, axis=1))
     alpha = tl.exp2(m_i - m_new)
@@ -160,7 +90,7 @@ def _fwd_kernel(
     pid_bh = tl.program_id(1).to(tl.int64)
     b = pid_bh // HKV
     kvh = pid_bh % HKV
-    row_ok, n, g, blk, i, p = _row_tile(pid_m * BLOCK_M, NS * GROUP, PL, b, N, NS, S, GROUP, BLOCK_M)
+    row_ok, n, g, blk, i, p = row_tile(pid_m * BLOCK_M, NS * GROUP, PL, b, N, NS, S, GROUP, BLOCK_M)
     h = kvh * GROUP + g
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
@@ -171,7 +101,7 @@ def _fwd_kernel(
     m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    p_lo, p_hi, l_lo, l_hi = _row_key_ranges(row_ok, n, blk, p, i, NS, S, window, CAUSAL, HAS_WINDOW, BLOCK_N)
+    p_lo, p_hi, l_lo, l_hi = row_key_ranges(row_ok, n, blk, p, i, NS, S, window, CAUSAL, HAS_WINDOW, BLOCK_N)
 
     kp_base = KP + b * spkb + kvh * spkh
     vp_base = VP + b * spvb + kvh * spvh
@@ -185,7 +115,7 @@ def _fwd_kernel(
         if DOT_F32:
             kT = kT.to(tl.float32)
             v = v.to(tl.float32)
-        vis = _prefix_visible(offs_j, p, i, window, HAS_WINDOW)
+        vis = prefix_visible(offs_j, p, i, window, HAS_WINDOW)
         acc, m_i, l_i = _online_step(acc, m_i, l_i, q, kT, v, vis, qk_scale, softcap,
                                      HAS_SOFTCAP, INPUT_PRECISION)
 
@@ -201,7 +131,7 @@ def _fwd_kernel(
         if DOT_F32:
             kT = kT.to(tl.float32)
             v = v.to(tl.float32)
-        vis = _local_visible(offs_m, NS, S, blk, i, window, CAUSAL, HAS_WINDOW)
+        vis = local_visible(offs_m, NS, S, blk, i, window, CAUSAL, HAS_WINDOW)
         acc, m_i, l_i = _online_step(acc, m_i, l_i, q, kT, v, vis, qk_scale, softcap,
                                      HAS_SOFTCAP, INPUT_PRECISION)
 
@@ -220,62 +150,6 @@ _fwd_tuned = triton.autotune(
 )(_fwd_kernel)
 
 
-# ----------------------------------------------------------------------------- launch helpers
-
-
-def _bucket(x: int) -> int:
-    return triton.next_power_of_2(max(int(x), 1))
-
-
-def _input_precision(dtype: torch.dtype) -> str:
-    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
-        return "ieee"
-    return "tf32"
-
-
-def _dot_f32(dtype: torch.dtype) -> bool:
-    # bf16 tl.dot is wrong in the interpreter (DESIGN.md section 7): compute it in fp32 there.
-    return cfgs.interpreting() and dtype == torch.bfloat16
-
-
-def _strides(x: Tensor) -> tuple[int, ...]:
-    return tuple(x.stride())
-
-
-def common_meta(q: Tensor, k_prefix: Tensor, block_len: int, causal: bool, softcap, window, scale: float):
-    """Scalar args and constexprs shared by the forward and backward launches."""
-    b, hq, ns, dh = q.shape
-    hkv, t = k_prefix.shape[1], k_prefix.shape[2]
-    scalars = dict(
-        NS=ns, T=t, N=ns // block_len, S=block_len, HKV=hkv, qk_scale=float(scale),
-        softcap=float(softcap) if softcap is not None else 1.0,
-        window=int(window) if window is not None else 0,
-        NS_BUCKET=_bucket(ns), T_BUCKET=_bucket(t),
-    )
-    consts = dict(
-        GROUP=hq // hkv, HEAD_DIM=dh, BLOCK_D=cfgs.block_d(dh), CAUSAL=bool(causal),
-        HAS_SOFTCAP=softcap is not None, HAS_WINDOW=window is not None,
-        DOT_F32=_dot_f32(q.dtype), INPUT_PRECISION=_input_precision(q.dtype),
-    )
-    return scalars, consts
-
-
-def launch(kernel, tuned, name: str, grid_rows: int, grid_bh: int, args: tuple, scalars: dict, consts: dict,
-           dtype: torch.dtype, head_dim: int, device: torch.device) -> None:
-    """Launch `kernel` with the fixed config, or its autotuned twin `tuned`."""
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    if cfgs.autotune_enabled():
-        tile = "BLOCK_M" if name != "dkdv" else "BLOCK_N"
-        grid = lambda meta: (triton.cdiv(grid_rows, meta[tile]), grid_bh)
-        tuned[grid](*args, **scalars, **consts)
-        return
-    bm, bn, warps, stages = cfgs.fixed_config(name, head_dim, dtype)
-    rows_per_prog = bm if name != "dkdv" else bn
-    grid = (triton.cdiv(grid_rows, rows_per_prog), grid_bh)
-    kernel[grid](*args, **scalars, **consts, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
-
-
 def forward(q: Tensor, k: Tensor, v: Tensor, k_prefix: Tensor, v_prefix: Tensor, prefix_lens: Tensor,
             block_len: int, causal: bool, softcap, window, scale: float) -> tuple[Tensor, Tensor]:
     """Launch the forward kernel: returns (o like q, lse fp32 [B, Hq, N*S])."""
@@ -288,7 +162,7 @@ def forward(q: Tensor, k: Tensor, v: Tensor, k_prefix: Tensor, v_prefix: Tensor,
     scalars, consts = common_meta(q, k_prefix, block_len, causal, softcap, window, scale)
     args = (
         q, k, v, k_prefix, v_prefix, prefix_lens, o, lse,
-        *_strides(q), *_strides(k), *_strides(v), *_strides(k_prefix), *_strides(v_prefix), *_strides(o),
+        *strides(q), *strides(k), *strides(v), *strides(k_prefix), *strides(v_prefix), *strides(o),
     )
     launch(_fwd_kernel, _fwd_tuned, "fwd", ns * (hq // hkv), b * hkv, args, scalars, consts,
            q.dtype, dh, q.device)

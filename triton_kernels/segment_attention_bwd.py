@@ -24,14 +24,14 @@ import triton.language as tl
 from torch import Tensor
 
 from . import segment_attention_configs as cfgs
-from .segment_attention import (
-    _local_visible,
-    _prefix_visible,
-    _row_key_ranges,
-    _row_tile,
-    _scores,
+from .common import (
     common_meta,
     launch,
+    local_visible,
+    prefix_visible,
+    row_key_ranges,
+    row_tile,
+    scores,
 )
 
 
@@ -55,7 +55,7 @@ def _delta_kernel(O, DO, DLSE, DELTA, sob, soh, son, sod, sdb, sdh, sdn, sdd, sl
 @triton.jit
 def _dq_step(dq, q, do, k, v, vis, lse2, delta, qk_scale, softcap,
              HAS_SOFTCAP: tl.constexpr, INPUT_PRECISION: tl.constexpr):
-    s, t = _scores(q, tl.trans(k), qk_scale, softcap, HAS_SOFTCAP, INPUT_PRECISION)
+    s, t = scores(q, tl.trans(k), qk_scale, softcap, HAS_SOFTCAP, INPUT_PRECISION)
     pr = tl.where(vis, tl.exp2(s - lse2[:, None]), 0.0)
     dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION)
     ds = pr * (dp - delta[:, None])
@@ -97,14 +97,14 @@ def _dq_kernel(
     pid_bh = tl.program_id(1).to(tl.int64)
     b = pid_bh // HKV
     kvh = pid_bh % HKV
-    row_ok, n, g, blk, i, p = _row_tile(pid_m * BLOCK_M, NS * GROUP, PL, b, N, NS, S, GROUP, BLOCK_M)
+    row_ok, n, g, blk, i, p = row_tile(pid_m * BLOCK_M, NS * GROUP, PL, b, N, NS, S, GROUP, BLOCK_M)
     h = kvh * GROUP + g
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
     q, do, lse2, delta, rmask = _load_rows(Q, DO, LSE, DELTA, b, h, n, row_ok, offs_d, d_ok,
                                            sqb, sqh, sqn, sqd, sdb, sdh, sdn, sdd, HKV, NS, GROUP, DOT_F32)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    p_lo, p_hi, l_lo, l_hi = _row_key_ranges(row_ok, n, blk, p, i, NS, S, window, CAUSAL, HAS_WINDOW, BLOCK_N)
+    p_lo, p_hi, l_lo, l_hi = row_key_ranges(row_ok, n, blk, p, i, NS, S, window, CAUSAL, HAS_WINDOW, BLOCK_N)
 
     kp_base = KP + b * spkb + kvh * spkh
     vp_base = VP + b * spvb + kvh * spvh
@@ -116,7 +116,7 @@ def _dq_kernel(
         if DOT_F32:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
-        vis = _prefix_visible(offs_j, p, i, window, HAS_WINDOW)
+        vis = prefix_visible(offs_j, p, i, window, HAS_WINDOW)
         dq = _dq_step(dq, q, do, k, v, vis, lse2, delta, qk_scale, softcap, HAS_SOFTCAP, INPUT_PRECISION)
 
     k_base = K + b * skb + kvh * skh
@@ -129,7 +129,7 @@ def _dq_kernel(
         if DOT_F32:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
-        vis = _local_visible(offs_m, NS, S, blk, i, window, CAUSAL, HAS_WINDOW)
+        vis = local_visible(offs_m, NS, S, blk, i, window, CAUSAL, HAS_WINDOW)
         dq = _dq_step(dq, q, do, k, v, vis, lse2, delta, qk_scale, softcap, HAS_SOFTCAP, INPUT_PRECISION)
 
     dq = dq * qk_scale
@@ -181,11 +181,11 @@ def _dkdv_kernel(
         n_hi = tl.minimum(n_hi, m_last + window)
     r_stop = n_hi * GROUP
     for start in range(n_lo * GROUP, r_stop, BLOCK_M):
-        row_ok, n, g, blk, i, p = _row_tile(start, r_stop, PL, b, N, NS, S, GROUP, BLOCK_M)
+        row_ok, n, g, blk, i, p = row_tile(start, r_stop, PL, b, N, NS, S, GROUP, BLOCK_M)
         h = kvh * GROUP + g
         q, do, lse2, delta, _ = _load_rows(Q, DO, LSE, DELTA, b, h, n, row_ok, offs_d, d_ok,
                                                sqb, sqh, sqn, sqd, sdb, sdh, sdn, sdd, HKV, NS, GROUP, DOT_F32)
-        s, t = _scores(k, tl.trans(q), qk_scale, softcap, HAS_SOFTCAP, INPUT_PRECISION)  # [BLOCK_N, BLOCK_M]
+        s, t = scores(k, tl.trans(q), qk_scale, softcap, HAS_SOFTCAP, INPUT_PRECISION)  # [BLOCK_N, BLOCK_M]
         vis = (kb[:, None] == blk[None, :]) & m_ok[:, None] & row_ok[None, :]
         if CAUSAL:
             vis = vis & (ki[:, None] <= i[None, :])
