@@ -7,10 +7,12 @@ Layout of a checkpoint directory::
     state.json                coprocessor config, train config, step, schedule, optimizer
                               hyper-parameters and scalars, data position, metrics
 
-Atomicity: everything is written to a temporary sibling directory, each file fsync'ed, then
-the directories are swapped (old -> ``.<name>.old``, new -> name, old removed). A crash at
-any point leaves either the previous or the new checkpoint loadable; ``load_checkpoint``
-falls back to the ``.old`` copy if the crash hit between the two renames.
+Atomicity: everything is written to a temporary sibling directory ``.<name>.tmp-<pid>``,
+each file fsync'ed, then the directories are swapped (current -> ``.<name>.old``, temp ->
+name, parent fsync'ed, only then ``.old`` removed). A crash at any point leaves either the
+previous or the new checkpoint loadable; ``load_checkpoint`` falls back to the ``.old`` copy
+if the crash hit between the two renames. Temp dirs of dead processes are removed at the
+next save.
 """
 
 from __future__ import annotations
@@ -45,8 +47,22 @@ class Checkpoint:
 
     @property
     def coprocessor_config(self) -> dict[str, Any]:
-        """The CoprocessorConfig dict."""
-        return self.state["coprocessor"]
+        """The CoprocessorConfig dict (CheckpointError naming state.json when absent)."""
+        cfg = self.state.get("coprocessor")
+        if not isinstance(cfg, dict):
+            raise CheckpointError(
+                f"{self.path / STATE_FILE}: no 'coprocessor' section (expected a CoprocessorConfig dict)"
+            )
+        return cfg
+
+    def train_config(self) -> dict[str, Any]:
+        """The TrainConfig dict it was trained with (CheckpointError naming state.json when absent)."""
+        cfg = self.state.get("train_config")
+        if not isinstance(cfg, dict):
+            raise CheckpointError(
+                f"{self.path / STATE_FILE}: no 'train_config' section (expected a TrainConfig dict)"
+            )
+        return cfg
 
     def rng(self, name: str) -> Tensor | None:
         """A saved RNG state tensor ("torch", "positions", "cuda")."""
@@ -101,6 +117,66 @@ def optimizer_from_flat(tensors: dict[str, Tensor], meta: dict[str, Any]) -> dic
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
+def _pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists (a process of another user counts as alive)."""
+    if pid == os.getpid():
+        return False  # our own leftover from an earlier failed save: safe to remove
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True
+    return True
+
+
+def remove_stale_temps(path: str | os.PathLike) -> list[Path]:
+    """Remove ``.<name>.tmp-<pid>`` directories beside checkpoint ``path`` whose process is gone.
+
+    A temp dir of a live process (another run writing into the same directory) is left alone.
+    Returns the removed paths.
+    """
+    path = Path(path)
+    removed = []
+    prefix = f".{path.name}.tmp-"
+    if not path.parent.is_dir():
+        return removed
+    for cand in path.parent.iterdir():
+        if not cand.name.startswith(prefix):
+            continue
+        pid = cand.name[len(prefix) :]
+        if not pid.isdigit() or _pid_alive(int(pid)):
+            continue
+        shutil.rmtree(cand, ignore_errors=True)
+        removed.append(cand)
+    return removed
+
+
+def _write_files(
+    tmp: Path, coprocessor: dict[str, Tensor], state: dict[str, Any], optimizer_tensors: dict[str, Tensor] | None
+) -> None:
+    """Write and fsync the checkpoint's files into ``tmp``; errors name the file being written."""
+    meta = {"format": FORMAT}
+    target = tmp / COPRO_FILE
+    try:
+        save_file(_contig(coprocessor), str(target), metadata=meta)
+        _fsync_file(target)
+        if optimizer_tensors:
+            target = tmp / OPTIM_FILE
+            save_file(_contig(optimizer_tensors), str(target), metadata=meta)
+            _fsync_file(target)
+        target = tmp / STATE_FILE
+        text = json.dumps({"format": FORMAT, **state}, indent=1, sort_keys=True)
+        with open(target, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+    except Exception as e:  # OSError (ENOSPC, EIO), or safetensors' own error type wrapping one
+        reason = (e.strerror or str(e)) if isinstance(e, OSError) else f"{type(e).__name__}: {e}"
+        raise CheckpointError(f"{target}: cannot write checkpoint ({reason})") from None
+    _fsync_dir(tmp)
+
+
 def save_checkpoint(
     path: str | os.PathLike,
     *,
@@ -108,29 +184,38 @@ def save_checkpoint(
     state: dict[str, Any],
     optimizer_tensors: dict[str, Tensor] | None = None,
 ) -> Path:
-    """Write a checkpoint directory at ``path`` atomically (see module docstring). Returns the path."""
+    """Write a checkpoint directory at ``path`` atomically. Returns the path.
+
+    Order: write every file into ``.<name>.tmp-<pid>`` and fsync it; rename the current
+    checkpoint to ``.<name>.old``; rename the temp dir to ``name``; fsync the parent; only
+    then remove ``.old``. A crash at any point leaves a complete checkpoint at ``name`` or at
+    ``.old`` (which :func:`load_checkpoint` falls back to). A failed write (full disk) removes
+    the temp dir, keeps the previous checkpoint and raises CheckpointError naming the file.
+    """
     path = Path(path)
     parent = path.parent
-    parent.mkdir(parents=True, exist_ok=True)
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CheckpointError(f"{parent}: cannot create the checkpoint directory ({e.strerror or e})") from None
+    remove_stale_temps(path)
     tmp = parent / f".{path.name}.tmp-{os.getpid()}"
     old = parent / f".{path.name}.old"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    meta = {"format": FORMAT}
-    save_file(_contig(coprocessor), str(tmp / COPRO_FILE), metadata=meta)
-    if optimizer_tensors:
-        save_file(_contig(optimizer_tensors), str(tmp / OPTIM_FILE), metadata=meta)
-    with open(tmp / STATE_FILE, "w", encoding="utf-8") as f:
-        json.dump({"format": FORMAT, **state}, f, indent=1, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    for name in (COPRO_FILE, OPTIM_FILE):
-        if (tmp / name).exists():
-            _fsync_file(tmp / name)
-    _fsync_dir(tmp)
+    try:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+        _write_files(tmp, coprocessor, state, optimizer_tensors)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError):
+            raise CheckpointError(f"{tmp}: cannot write checkpoint ({e.strerror or e})") from None
+        raise
     if old.exists():
-        shutil.rmtree(old)
+        if (path / STATE_FILE).is_file():
+            shutil.rmtree(old)  # a complete current checkpoint exists: the .old copy is redundant
+        elif path.exists():
+            shutil.rmtree(path)  # an incomplete current dir: .old is the last good one, keep it
     if path.exists():
         os.replace(path, old)
     os.replace(tmp, path)
@@ -146,31 +231,52 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
     if (path / STATE_FILE).is_file():
         return path
     old = path.parent / f".{path.name}.old"
-    if not path.exists() and (old / STATE_FILE).is_file():
+    if (old / STATE_FILE).is_file() and not path.exists():
         return old
     if path.is_file():
         raise CheckpointError(f"{path}: expected a checkpoint directory, got a file")
     if not path.exists():
-        raise CheckpointError(f"{path}: no such checkpoint")
-    raise CheckpointError(f"{path}: not a checkpoint ({STATE_FILE} missing)")
+        raise CheckpointError(f"{path}: no such checkpoint (expected a directory with {STATE_FILE})")
+    raise CheckpointError(f"{path / STATE_FILE}: missing (not a checkpoint directory)")
+
+
+def _read_tensors(file: Path) -> dict[str, Tensor]:
+    try:
+        return load_file(str(file))
+    except Exception as e:  # OSError, or safetensors' own error type for a corrupt/truncated file
+        raise CheckpointError(f"{file}: unreadable safetensors file ({type(e).__name__}: {e})") from None
 
 
 def load_checkpoint(path: str | os.PathLike, *, with_optimizer: bool = True) -> Checkpoint:
-    """Read a checkpoint directory (tensors on the CPU). Raises CheckpointError when unusable."""
+    """Read a checkpoint directory (tensors on the CPU). Raises CheckpointError naming the bad file.
+
+    With ``with_optimizer``, a checkpoint whose state.json records optimizer state must have
+    its optimizer.safetensors (a silently reset optimizer would make a resume inexact);
+    exported coprocessors (no optimizer section) load with no optimizer tensors.
+    """
     d = resolve_checkpoint(path)
+    sfile = d / STATE_FILE
     try:
-        with open(d / STATE_FILE, encoding="utf-8") as f:
+        with open(sfile, encoding="utf-8") as f:
             state = json.load(f)
-        if state.get("format") != FORMAT:
-            raise CheckpointError(f"{d}: unknown checkpoint format {state.get('format')!r}")
-        copro = load_file(str(d / COPRO_FILE))
-        opt = load_file(str(d / OPTIM_FILE)) if with_optimizer and (d / OPTIM_FILE).is_file() else {}
-    except CheckpointError:
-        raise
-    except (OSError, ValueError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{d}: unreadable checkpoint ({type(e).__name__}: {e})") from None
-    except Exception as e:  # safetensors raises its own error type for corrupt files
-        raise CheckpointError(f"{d}: unreadable checkpoint ({type(e).__name__}: {e})") from None
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{sfile}: unreadable ({type(e).__name__}: {e})") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{sfile}: expected a JSON object")
+    if state.get("format") != FORMAT:
+        raise CheckpointError(f"{sfile}: unknown checkpoint format {state.get('format')!r} (expected {FORMAT!r})")
+    cfile = d / COPRO_FILE
+    if not cfile.is_file():
+        raise CheckpointError(f"{cfile}: missing")
+    copro = _read_tensors(cfile)
+    opt: dict[str, Tensor] = {}
+    ofile = d / OPTIM_FILE
+    if with_optimizer and "optimizer" in state:
+        if not ofile.is_file():
+            raise CheckpointError(
+                f"{ofile}: missing; {sfile.name} records optimizer state, so the run cannot resume exactly"
+            )
+        opt = _read_tensors(ofile)
     return Checkpoint(path=d, state=state, coprocessor=copro, optimizer_tensors=opt)
 
 

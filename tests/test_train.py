@@ -94,8 +94,9 @@ def test_crash_mid_write_keeps_previous_checkpoint(tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(ckpt_mod, "save_file", broken)
-    with pytest.raises(OSError):
+    with pytest.raises(CheckpointError, match=r"coprocessor\.safetensors: cannot write checkpoint \(disk full\)"):
         save_checkpoint(path, coprocessor={"w": torch.zeros(3)}, state={"step": 2})
+    assert not list(tmp_path.glob(".ck.tmp-*"))
     ck = load_checkpoint(path)
     assert ck.state["step"] == 1 and torch.equal(ck.coprocessor["w"], torch.ones(3))
     monkeypatch.undo()
