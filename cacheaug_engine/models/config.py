@@ -10,7 +10,7 @@ RMSNorm with ``(1 + w)``, sqrt(d) embedding scale, GeGLU, tied embeddings,
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 SUPPORTED_ARCHS = ("llama", "qwen2", "gemma2")
@@ -57,14 +57,11 @@ class DecoderConfig:
     eos_token_id: int | list[int] | None = None
 
     def __post_init__(self) -> None:
+        self._check_ranges()
         if self.arch not in SUPPORTED_ARCHS:
             raise ValueError(f"arch: unsupported {self.arch!r}; supported: {', '.join(SUPPORTED_ARCHS)}")
         if self.hidden_act not in ("silu", "gelu_tanh"):
             raise ValueError(f"hidden_act: expected 'silu' or 'gelu_tanh', got {self.hidden_act!r}")
-        if self.num_heads % self.num_kv_heads:
-            raise ValueError(
-                f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})"
-            )
         if not self.layer_types:
             self.layer_types = ("full",) * self.num_layers
         self.layer_types = tuple(self.layer_types)
@@ -80,6 +77,38 @@ class DecoderConfig:
                 raise ValueError(
                     f"rope_scaling: unsupported rope_type {rtype!r}; supported: {SUPPORTED_ROPE_TYPES}"
                 )
+
+    def _check_ranges(self) -> None:
+        """Types and ranges of the numeric fields; each error names the field and what was expected."""
+        for name in _POSITIVE_INTS:
+            v = getattr(self, name)
+            if not _is_int(v) or v < 1:
+                raise ValueError(f"{name}: expected an integer >= 1, got {v!r}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"num_kv_heads: must divide num_heads ({self.num_heads}) for grouped-query attention, "
+                f"got {self.num_kv_heads}"
+            )
+        for name in ("rms_norm_eps", "rope_theta"):
+            _check_float(name, getattr(self, name), positive=True)
+        _check_float("norm_offset", self.norm_offset, positive=False)
+        for name in ("attn_softcap", "final_softcap", "query_pre_attn_scalar"):
+            if getattr(self, name) is not None:
+                _check_float(name, getattr(self, name), positive=True)
+        if self.sliding_window is not None and (not _is_int(self.sliding_window) or self.sliding_window < 1):
+            raise ValueError(f"sliding_window: expected None or an integer >= 1, got {self.sliding_window!r}")
+        for name in ("bos_token_id",):
+            v = getattr(self, name)
+            if v is not None and (not _is_int(v) or not 0 <= v < self.vocab_size):
+                raise ValueError(f"{name}: expected None or a token id in [0, {self.vocab_size}), got {v!r}")
+        eos = self.eos_token_id
+        for v in eos if isinstance(eos, list) else [eos]:
+            if v is not None and (not _is_int(v) or not 0 <= v < self.vocab_size):
+                raise ValueError(f"eos_token_id: expected None or token ids in [0, {self.vocab_size}), got {eos!r}")
+        if self.rope_scaling is not None and not isinstance(self.rope_scaling, dict):
+            raise ValueError(f"rope_scaling: expected None or a dict, got {self.rope_scaling!r}")
+        if self.rope_scaling is not None and "factor" in self.rope_scaling:
+            _check_float("rope_scaling.factor", self.rope_scaling["factor"], positive=True)
 
     @property
     def attn_scale(self) -> float:
@@ -99,7 +128,15 @@ class DecoderConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> DecoderConfig:
-        """Inverse of ``to_dict``."""
+        """Inverse of ``to_dict``; unknown keys are an error naming them."""
+        if not isinstance(d, dict):
+            raise ValueError(f"expected a JSON object of DecoderConfig fields, got {type(d).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(
+                f"unknown DecoderConfig keys: {', '.join(map(str, unknown))} (known: {', '.join(sorted(known))})"
+            )
         return cls(**d)
 
     @classmethod
@@ -112,26 +149,39 @@ class DecoderConfig:
                 f"unsupported model_type {arch!r} (architectures={archs}); "
                 f"supported: {', '.join(SUPPORTED_ARCHS)}"
             )
-        try:
-            hidden = int(hf["hidden_size"])
-            heads = int(hf["num_attention_heads"])
-            kw: dict[str, Any] = dict(
-                arch=arch,
-                vocab_size=int(hf["vocab_size"]),
-                hidden_size=hidden,
-                intermediate_size=int(hf["intermediate_size"]),
-                num_layers=int(hf["num_hidden_layers"]),
-                num_heads=heads,
-                num_kv_heads=int(hf.get("num_key_value_heads") or heads),
-                head_dim=int(hf.get("head_dim") or hidden // heads),
-                rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-                max_position_embeddings=int(hf.get("max_position_embeddings", 8192)),
-                bos_token_id=hf.get("bos_token_id"),
-                eos_token_id=hf.get("eos_token_id"),
+        for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
+            if key not in hf:
+                raise ValueError(f"config.json: missing required field {key!r} for {arch!r}")
+        hidden = _hf_int(hf, "hidden_size")
+        heads = _hf_int(hf, "num_attention_heads")
+        kv_heads = _hf_int(hf, "num_key_value_heads") if hf.get("num_key_value_heads") is not None else heads
+        if kv_heads < 1 or heads % kv_heads:
+            raise ValueError(
+                f"num_key_value_heads: expected an integer >= 1 dividing num_attention_heads ({heads}), got {kv_heads}"
             )
-        except KeyError as e:
-            field_name = e.args[0]
-            raise ValueError(f"config.json: missing required field {field_name!r} for {arch!r}") from None
+        if hf.get("head_dim") is not None:
+            head_dim = _hf_int(hf, "head_dim")
+        elif hidden % heads:
+            raise ValueError(
+                f"hidden_size: expected a multiple of num_attention_heads ({heads}) when head_dim is not given, "
+                f"got {hidden}"
+            )
+        else:
+            head_dim = hidden // heads
+        kw: dict[str, Any] = dict(
+            arch=arch,
+            vocab_size=_hf_int(hf, "vocab_size"),
+            hidden_size=hidden,
+            intermediate_size=_hf_int(hf, "intermediate_size"),
+            num_layers=_hf_int(hf, "num_hidden_layers"),
+            num_heads=heads,
+            num_kv_heads=kv_heads,
+            head_dim=head_dim,
+            rms_norm_eps=_hf_float(hf, "rms_norm_eps", 1e-6),
+            max_position_embeddings=_hf_int(hf, "max_position_embeddings", 8192),
+            bos_token_id=hf.get("bos_token_id"),
+            eos_token_id=hf.get("eos_token_id"),
+        )
         kw["rope_theta"], kw["rope_scaling"] = _rope_from_hf(hf)
         act = hf.get("hidden_activation") or hf.get("hidden_act") or "silu"
         if act not in _ACTS:
@@ -171,6 +221,46 @@ class DecoderConfig:
         return cls(**kw)
 
 
+_POSITIVE_INTS = (
+    "vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
+    "max_position_embeddings",
+)
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _check_float(name: str, v: Any, *, positive: bool) -> None:
+    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and (v > 0 or not positive)
+    if not ok:
+        raise ValueError(f"{name}: expected a finite number{' > 0' if positive else ''}, got {v!r}")
+
+
+def _hf_int(hf: dict[str, Any], key: str, default: int | None = None) -> int:
+    """An integer field of config.json (whole floats such as 64.0 accepted), else ValueError naming it."""
+    v = hf.get(key, default)
+    if isinstance(v, float) and v.is_integer():
+        v = int(v)
+    if not _is_int(v) or v < 1:
+        raise ValueError(f"{key}: expected an integer >= 1, got {v!r}")
+    return v
+
+
+def _hf_float(hf: dict[str, Any], key: str, default: float) -> float:
+    v = hf.get(key, default)
+    _check_float(key, v, positive=True)
+    return float(v)
+
+
+def check_float_dtype(dtype: Any) -> None:
+    """Raise ValueError unless ``dtype`` is a floating torch dtype (weights are never integers)."""
+    import torch
+
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"dtype: expected a floating torch dtype (float32, bfloat16, float16), got {dtype!r}")
+
+
 def _layer_types(types: list[str] | None, n: int) -> tuple[str, ...]:
     if not types:
         return ("full",) * n
@@ -187,7 +277,9 @@ def _rope_from_hf(hf: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
     params = dict(hf.get("rope_parameters") or {})
     if hf.get("rope_scaling"):
         params = {**dict(hf["rope_scaling"]), **params}
-    theta = float(params.pop("rope_theta", hf.get("rope_theta", 10000.0)))
+    theta = params.pop("rope_theta", hf.get("rope_theta", 10000.0))
+    _check_float("rope_theta", theta, positive=True)
+    theta = float(theta)
     rtype = params.pop("rope_type", None) or params.pop("type", None) or "default"
     if params.get("partial_rotary_factor", 1.0) != 1.0:
         raise ValueError("config.json: partial_rotary_factor != 1 is not supported")

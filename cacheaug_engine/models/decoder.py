@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from .. import ops
 from .cache import KVCache
-from .config import DecoderConfig
+from .config import DecoderConfig, check_float_dtype
 from .rope import apply_rope, rope_cos_sin
 
 # attend(layer, q [B,Hq,S,Dh], k [B,Hkv,S,Dh], v) -> o [B,Hq,S,Dh]
@@ -160,6 +160,7 @@ class Decoder(nn.Module):
     @classmethod
     def from_config(cls, cfg: DecoderConfig, dtype: torch.dtype = torch.float32, seed: int = 0) -> Decoder:
         """Random weights (for tests): N(0, 0.02) matrices, norm weights and biases jittered."""
+        check_float_dtype(dtype)
         gen = torch.Generator().manual_seed(seed)
         with torch.device("meta"):
             model = cls(cfg)

@@ -70,6 +70,8 @@ def gguf_config(reader: Any, path: str | Path = "<gguf>") -> DecoderConfig:
         return value
 
     hidden, heads = int(need("embedding_length")), int(need("attention.head_count"))
+    if heads < 1:
+        raise ValueError(f"{path}: GGUF {arch}.attention.head_count: expected an integer >= 1, got {heads}")
     tokens = field(reader, "tokenizer.ggml.tokens")
     vocab = field(reader, f"{arch}.vocab_size") or (len(tokens) if tokens else None)
     if vocab is None:
@@ -84,11 +86,16 @@ def gguf_config(reader: Any, path: str | Path = "<gguf>") -> DecoderConfig:
     if "rope_freqs.weight" in names:
         raise ValueError(f"{path}: GGUF rope_freqs (Llama-3.1 frequency factors) is not supported")
     key_len = field(reader, f"{arch}.attention.key_length") or field(reader, f"{arch}.rope.dimension_count")
-    head_dim = int(key_len or hidden // heads)
-    return DecoderConfig(
+    if key_len is None and hidden % heads:
+        raise ValueError(
+            f"{path}: GGUF {arch}.embedding_length ({hidden}) is not a multiple of attention.head_count ({heads})"
+        )
+    head_dim = int(hidden // heads if key_len is None else key_len)
+    kv_heads = field(reader, f"{arch}.attention.head_count_kv")
+    kw = dict(
         arch="llama", vocab_size=int(vocab), hidden_size=hidden,
         intermediate_size=int(need("feed_forward_length")), num_layers=int(need("block_count")),
-        num_heads=heads, num_kv_heads=int(field(reader, f"{arch}.attention.head_count_kv") or heads),
+        num_heads=heads, num_kv_heads=heads if kv_heads is None else int(kv_heads),
         head_dim=head_dim, rms_norm_eps=float(need("attention.layer_norm_rms_epsilon")),
         rope_theta=float(field(reader, f"{arch}.rope.freq_base", 10000.0)), rope_scaling=scaling,
         max_position_embeddings=int(field(reader, f"{arch}.context_length", 8192)),
@@ -96,6 +103,10 @@ def gguf_config(reader: Any, path: str | Path = "<gguf>") -> DecoderConfig:
         bos_token_id=field(reader, "tokenizer.ggml.bos_token_id"),
         eos_token_id=field(reader, "tokenizer.ggml.eos_token_id"),
     )
+    try:
+        return DecoderConfig(**kw)
+    except ValueError as e:
+        raise ValueError(f"{path}: GGUF metadata: {e}") from None
 
 
 def unpermute_qk(w: Tensor, n_head: int) -> Tensor:

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from .config import check_float_dtype
 from .decoder import Decoder
 
 if TYPE_CHECKING:
@@ -30,8 +31,10 @@ def load_decoder(path: str | Path, dtype: torch.dtype = torch.float32) -> Decode
     """A frozen Decoder from a HF directory (config.json + safetensors, sharded or not) or a .gguf file.
 
     GGUF weights are dequantized once per process (cached); each call returns a new Decoder.
-    Corrupt or unsupported files raise ValueError / FileNotFoundError naming the file.
+    Corrupt or unsupported files raise ValueError / FileNotFoundError naming the file; ``dtype``
+    must be a floating dtype (checked before anything is read).
     """
+    check_float_dtype(dtype)
     if _kind(path) == "hf":
         from .hf import load_hf_decoder
 
