@@ -1,7 +1,8 @@
 """The ``cacheaug`` command line: demo, train, eval, generate, info, bench.
 
-Every subcommand takes ``--help``; train/eval/demo accept ``--config FILE.json`` (keys of
+Every subcommand takes ``--help``; train/demo accept ``--config FILE.json`` (keys of
 :class:`cacheaug_engine.train_config.TrainConfig`), with flags given on the command line winning.
+Their flags are derived from TrainConfig's fields (cli_args.add_train_flags): one per field.
 Bad paths and values end with one ``cacheaug: error: ...`` line on stderr and exit code 2.
 """
 
@@ -130,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
         "per-position perplexity with and without latents, show one generation, write OUT/report.json, "
         "OUT/ppl.png and OUT/checkpoint.",
     )
-    add_train_flags(d, demo=True)
+    add_train_flags(d)
     d.add_argument("--from-scratch", action="store_true", help="ignore the shipped coprocessor")
     d.add_argument("--prompt", help="prompt for the generation example (default: held-out text)")
     d.add_argument("--max-new-tokens", type=int, default=24, help="tokens generated in the example")

@@ -1,13 +1,15 @@
 """Command-line pieces the subcommands share: ``UsageError`` and TrainConfig <-> argparse.
 
 cli.py (train, demo) and demo.py both use these; keeping them here means neither of those
-imports the other.
+imports the other. The train/demo flags are derived from TrainConfig's fields
+(train_config.py): a field added there gets its ``--flag`` with no edit here.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import typing
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
@@ -19,51 +21,44 @@ class UsageError(Exception):
     """A bad command-line value (reported as one line, exit code 2)."""
 
 
-def _bool_flag(p: argparse.ArgumentParser, name: str, help: str) -> None:
-    p.add_argument(name, action=argparse.BooleanOptionalAction, default=None, help=help)
+def _flag_type(annotation: Any) -> tuple[type, bool]:
+    """(scalar type, is a list) of a TrainConfig annotation: int, float, str, bool, ``X | None``, ``list[X]``."""
+    if typing.get_origin(annotation) is list:
+        return typing.get_args(annotation)[0], True
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if args:  # X | None
+        annotation = args[0]
+    if annotation not in (int, float, str, bool):
+        raise TypeError(f"TrainConfig field type {annotation!r} has no command-line form")
+    return annotation, False
 
 
-def add_train_flags(p: argparse.ArgumentParser, *, demo: bool = False) -> None:
-    """Flags mirroring TrainConfig (default None = take the config file's / built-in value)."""
+def add_train_flags(p: argparse.ArgumentParser, *, config_cls: type = TrainConfig) -> None:
+    """One ``--flag-name`` per field of ``config_cls`` (TrainConfig), derived from the dataclass.
+
+    Flag name, type, help, choices and metavar come from the field (see ``train_config.setting``),
+    so a field added to TrainConfig gets its flag here with no edit. Every flag defaults to None,
+    meaning "take the config file's / built-in value" (:func:`train_config_from_args`).
+    Also adds ``--config`` and ``--no-progress``, which are not settings of the run.
+    """
     p.add_argument("--config", metavar="JSON", help="JSON file with TrainConfig keys (flags override it)")
-    p.add_argument("--model", help='"default" (SmolLM2-135M), a HF dir or .gguf, or "random:<config.json>"')
-    p.add_argument("--tokenizer", help='tokenizer path or "bytes" (default: the model\'s own)')
-    p.add_argument("--data", nargs="+", metavar="FILE", help="text or .jsonl files (default: Python's docs)")
-    p.add_argument("--out", help="output directory (checkpoint in OUT/checkpoint)")
-    for name, typ, hlp in [
-        ("--seq-len", int, "tokens per packed sequence"),
-        ("--batch-size", int, "sequences per micro-batch"),
-        ("--grad-accum", int, "micro-batches per optimizer step"),
-        ("--steps", int, "optimizer steps"),
-        ("--lr", float, "peak learning rate"),
-        ("--soft-lr-mult", float, "learning-rate multiplier of soft tokens and latent scale"),
-        ("--min-lr-ratio", float, "final lr / peak lr of the cosine schedule"),
-        ("--warmup", int, "linear warmup steps"),
-        ("--weight-decay", float, "AdamW weight decay (adapters / weights only)"),
-        ("--clip", float, "gradient-norm clip (0 = off)"),
-        ("--num-latents", int, "N_L, latents per augmentation point"),
-        ("--ahead", int, "N_A, target tokens scored after each point"),
-        ("--positions", int, "augmentation points per sequence per step"),
-        ("--min-prefix", int, "smallest augmentation point (context tokens before the latents)"),
-        ("--lora-rank", int, "LoRA rank (0 = full fine-tune of a copy)"),
-        ("--lora-alpha", float, "LoRA alpha (default = rank)"),
-        ("--scale-init", float, "initial latent scale (default: embedding RMS / hidden RMS)"),
-        ("--heldout-frac", float, "fraction of documents held out"),
-        ("--max-chars", int, "use at most this many characters of training text"),
-        ("--eval-every", int, "held-out eval every N steps (0 = off)"),
-        ("--eval-seqs", int, "held-out sequences per eval"),
-        ("--save-every", int, "checkpoint every N steps (always at the end)"),
-        ("--seed", int, "random seed"),
-        ("--threads", int, "torch CPU threads"),
-        ("--stop-after", int, "stop this run after N steps (the schedule still spans --steps)"),
-    ]:
-        p.add_argument(name, type=typ, help=hlp)
-    p.add_argument("--placement", choices=["paper", "early"], help="latents after the prefix, or one token earlier")
-    p.add_argument("--scale-mode", choices=["none", "fixed", "learned"], help="latent output scale")
-    p.add_argument("--soft-init", choices=["stats", "tokens"], help="soft-token initialisation")
-    p.add_argument("--init-from", metavar="CKPT", help="start from this coprocessor checkpoint")
-    p.add_argument("--device", help='"auto", "cpu" or "cuda"')
-    _bool_flag(p, "--grad-checkpoint", "recompute activations in backward")
+    hints = typing.get_type_hints(config_cls)
+    for f in fields(config_cls):
+        typ, is_list = _flag_type(hints[f.name])
+        name = "--" + f.name.replace("_", "-")
+        meta = f.metadata
+        kw: dict[str, Any] = {"default": None, "help": meta.get("help") or None}
+        if typ is bool:
+            kw["action"] = argparse.BooleanOptionalAction
+        else:
+            kw["type"] = typ
+            if meta.get("choices"):
+                kw["choices"] = list(meta["choices"])
+            if meta.get("metavar"):
+                kw["metavar"] = meta["metavar"]
+            if is_list:
+                kw["nargs"] = "+"
+        p.add_argument(name, dest=f.name, **kw)
     p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
 
 

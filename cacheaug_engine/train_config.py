@@ -1,7 +1,13 @@
-"""``TrainConfig``: every setting of a training run (the JSON ``--config`` takes).
+"""``TrainConfig``: every setting of a training run (the JSON ``--config`` takes), and its flags.
 
 Its own module so that train.py, evaluate.py, demo.py and cli.py can all read it without
 importing each other.
+
+Each field is declared with :func:`setting`, whose metadata (help text, choices, metavar)
+is all the command line needs: ``cli_args.add_train_flags`` derives one ``--flag-name`` per
+field (type from the annotation: int, float, str, ``X | None``, ``list[str]`` -> nargs="+",
+bool -> ``--x/--no-x``). Adding a field here gives ``cacheaug train`` and ``cacheaug demo``
+its flag with no other edit; tests/test_cli.py checks that fields and flags match one to one.
 """
 
 from __future__ import annotations
@@ -12,45 +18,62 @@ from typing import Any
 from .augment.coprocessor import CoprocessorConfig
 
 
+def setting(
+    default: Any = None,
+    help: str = "",
+    *,
+    choices: tuple[str, ...] | None = None,
+    metavar: str | None = None,
+    factory: Any = None,
+) -> Any:
+    """A TrainConfig field whose metadata carries its command-line flag's help / choices / metavar."""
+    meta = {"help": help, "choices": choices, "metavar": metavar}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
 @dataclass
 class TrainConfig:
-    """All settings of a training run (also the JSON accepted by ``--config``)."""
+    """All settings of a training run (also the JSON accepted by ``--config``; one flag per field)."""
 
-    model: str = "default"  # "default" (SmolLM2-135M), a HF dir / .gguf path, or "random:<config.json>"
-    tokenizer: str | None = None  # None = the model's own; "bytes"; or a path
-    data: list[str] = field(default_factory=list)  # text / JSONL files; empty = default corpus
-    seq_len: int = 128
-    batch_size: int = 4
-    grad_accum: int = 1
-    steps: int = 100
-    lr: float = 1e-3
-    soft_lr_mult: float = 1.0  # learning-rate multiplier for soft tokens and latent scale
-    min_lr_ratio: float = 0.1
-    warmup: int = 10
-    weight_decay: float = 0.0
-    clip: float = 1.0
-    num_latents: int = 8
-    ahead: int = 16
-    positions: int = 8  # augmentation points per sequence per step
-    min_prefix: int = 8  # smallest augmentation point drawn (tokens of context before the latents)
-    placement: str = "paper"
-    lora_rank: int = 32  # 0 = full fine-tune of a copy
-    lora_alpha: float | None = None
-    scale_mode: str = "learned"
-    scale_init: float | None = None
-    soft_init: str = "stats"
-    init_from: str | None = None  # start from this coprocessor checkpoint (its coprocessor config wins)
-    heldout_frac: float = 0.05
-    max_chars: int | None = None
-    eval_every: int = 0
-    eval_seqs: int = 16
-    save_every: int = 0
-    out: str = "runs/cacheaug"
-    seed: int = 0
-    device: str = "auto"
-    grad_checkpoint: bool = False
-    threads: int | None = None
-    stop_after: int | None = None  # stop this invocation after this many steps (schedule still uses `steps`)
+    model: str = setting("default", '"default" (SmolLM2-135M), a HF dir or .gguf, or "random:<config.json>"')
+    tokenizer: str | None = setting(None, 'tokenizer path or "bytes" (default: the model\'s own)')
+    data: list[str] = setting(help="text or .jsonl files (default: Python's docs)", metavar="FILE", factory=list)
+    seq_len: int = setting(128, "tokens per packed sequence")
+    batch_size: int = setting(4, "sequences per micro-batch")
+    grad_accum: int = setting(1, "micro-batches per optimizer step")
+    steps: int = setting(100, "optimizer steps")
+    lr: float = setting(1e-3, "peak learning rate")
+    soft_lr_mult: float = setting(1.0, "learning-rate multiplier of soft tokens and latent scale")
+    min_lr_ratio: float = setting(0.1, "final lr / peak lr of the cosine schedule")
+    warmup: int = setting(10, "linear warmup steps")
+    weight_decay: float = setting(0.0, "AdamW weight decay (adapters / weights only)")
+    clip: float = setting(1.0, "gradient-norm clip (0 = off)")
+    num_latents: int = setting(8, "N_L, latents per augmentation point")
+    ahead: int = setting(16, "N_A, target tokens scored after each point")
+    positions: int = setting(8, "augmentation points per sequence per step")
+    min_prefix: int = setting(8, "smallest augmentation point (context tokens before the latents)")
+    placement: str = setting("paper", "latents after the prefix, or one token earlier", choices=("paper", "early"))
+    lora_rank: int = setting(32, "LoRA rank (0 = full fine-tune of a copy)")
+    lora_alpha: float | None = setting(None, "LoRA alpha (default = rank)")
+    scale_mode: str = setting("learned", "latent output scale", choices=("none", "fixed", "learned"))
+    scale_init: float | None = setting(None, "initial latent scale (default: embedding RMS / hidden RMS)")
+    soft_init: str = setting("stats", "soft-token initialisation", choices=("stats", "tokens"))
+    init_from: str | None = setting(
+        None, "start from this coprocessor checkpoint (its coprocessor config wins)", metavar="CKPT"
+    )
+    heldout_frac: float = setting(0.05, "fraction of documents held out")
+    max_chars: int | None = setting(None, "use at most this many characters of training text")
+    eval_every: int = setting(0, "held-out eval every N steps (0 = off)")
+    eval_seqs: int = setting(16, "held-out sequences per eval")
+    save_every: int = setting(0, "checkpoint every N steps (always at the end)")
+    out: str = setting("runs/cacheaug", "output directory (checkpoint in OUT/checkpoint)")
+    seed: int = setting(0, "random seed")
+    device: str = setting("auto", '"auto", "cpu" or "cuda"')
+    grad_checkpoint: bool = setting(False, "recompute activations in backward")
+    threads: int | None = setting(None, "torch CPU threads")
+    stop_after: int | None = setting(None, "stop this run after N steps (the schedule still spans --steps)")
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad value."""
