@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any, NoReturn
 
 from .cli_args import UsageError, add_train_flags, train_config_from_args
@@ -31,8 +30,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .train import train
 
     cfg = train_config_from_args(args)
-    if args.resume and not (Path(cfg.out) / "checkpoint").exists():
-        raise UsageError(f"--resume: no checkpoint in {cfg.out}/checkpoint")
     res = train(cfg, resume=args.resume, progress=not args.no_progress)
     last = res.history[-1] if res.history else {}
     print(
@@ -188,14 +185,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     from .checkpoint import CheckpointError
+    from .numerics import NonFiniteLossError
 
     try:
         return int(args.func(args) or 0)
     except UsageError as e:
         sys.stderr.write(f"cacheaug: error: {e}\n")
         return 2
-    except (FileNotFoundError, IsADirectoryError, NotADirectoryError, CheckpointError, ValueError) as e:
+    except NonFiniteLossError as e:  # the run diverged: not a usage error, but still one line
         sys.stderr.write(f"cacheaug: error: {e}\n")
+        return 1
+    except (CheckpointError, ValueError) as e:
+        sys.stderr.write(f"cacheaug: error: {e}\n")
+        return 2
+    except OSError as e:  # missing files, a full disk, permissions: say which file and why
+        msg = f"{e.filename}: {e.strerror}" if e.strerror and e.filename else str(e)
+        sys.stderr.write(f"cacheaug: error: {msg}\n")
         return 2
     except KeyboardInterrupt:
         sys.stderr.write("cacheaug: interrupted\n")

@@ -12,7 +12,7 @@ import math
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,7 @@ import torch
 from .augment.coprocessor import Coprocessor, CoprocessorConfig
 from .augment.objective import CacheAugmentationObjective
 from .checkpoint import (
+    CheckpointError,
     load_checkpoint,
     optimizer_from_flat,
     optimizer_to_flat,
@@ -30,6 +31,8 @@ from .checkpoint import (
 )
 from .data import Corpus, SequenceLoader, load_corpus
 from .evaluate import evaluate_objective, format_table, report_table
+from .numerics import check_step_finite, grad_norm
+from .preflight import check_resume, probe_writable_dir
 from .startup import autocast, autocast_dtype, coprocessor_from_checkpoint, load_model, load_tok, pick_device
 from .train_config import TrainConfig
 
@@ -65,6 +68,15 @@ def build_coprocessor(decoder, cfg: TrainConfig, log: Callable[[str], None] = pr
     return Coprocessor(decoder, config=CoprocessorConfig(**cfg.coprocessor_kwargs()), seed=cfg.seed), None
 
 
+def with_coprocessor_settings(cfg: TrainConfig, copro: dict[str, Any]) -> TrainConfig:
+    """``cfg`` with its coprocessor fields (num_latents, lora_rank, ...) taken from a CoprocessorConfig dict."""
+    names = {f.name for f in fields(cfg)}
+    upd = {k: v for k, v in copro.items() if k in names and k in cfg.coprocessor_kwargs()}
+    if "lora_rank" in upd and upd["lora_rank"] is None:
+        upd["lora_rank"] = 0  # TrainConfig's spelling of a full copy
+    return replace(cfg, **upd)
+
+
 def make_optimizer(cop: Coprocessor, cfg: TrainConfig) -> torch.optim.AdamW:
     """AdamW over the trainable tensors; soft tokens / scale get ``soft_lr_mult`` and no decay."""
     main, small = [], []
@@ -91,18 +103,20 @@ def train(
     """Run (or resume) training as ``cfg`` says; checkpoints go to ``<out>/checkpoint``."""
     cfg.validate()
     t_start = time.perf_counter()
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    dev = pick_device(cfg.device)
-    out = Path(cfg.out)
+    out = probe_writable_dir(cfg.out)  # before any loading: an unwritable --out fails now, not at the first save
     ckpt_path = out / "checkpoint"
     resumed = None
     if resume:
-        resumed = load_checkpoint(ckpt_path)
-        saved = TrainConfig.from_dict(resumed.state["train_config"])
-        for key in ("seq_len", "batch_size", "positions", "ahead", "seed", "data", "model"):
-            if getattr(saved, key) != getattr(cfg, key):
-                raise ValueError(f"--resume: {key} differs from the checkpoint ({getattr(saved, key)!r})")
+        try:
+            resumed = load_checkpoint(ckpt_path)
+        except CheckpointError as e:
+            raise CheckpointError(f"--resume: {e}") from None
+        if cfg.init_from:  # the coprocessor's settings come from the checkpoint, not from flags
+            cfg = with_coprocessor_settings(cfg, resumed.coprocessor_config)
+        check_resume(resumed.train_config(), cfg, resumed.path)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    dev = pick_device(cfg.device)
     if decoder is None:
         decoder = load_model(cfg.model, dev)
     if tokenizer is None and corpus is None:
@@ -121,7 +135,9 @@ def train(
     if resumed is not None:
         cop = coprocessor_from_checkpoint(decoder, resumed, seed=cfg.seed)
     else:
-        cop, _ = build_coprocessor(decoder, cfg, log)
+        cop, init = build_coprocessor(decoder, cfg, log)
+        if init is not None:  # record the shapes the tensors have, not the flags' defaults
+            cfg = with_coprocessor_settings(cfg, cop.config.to_dict())
     cop.to(dev)
     objective = CacheAugmentationObjective(
         decoder,
@@ -137,6 +153,7 @@ def train(
     history: list[dict[str, Any]] = []
     evals: list[dict[str, Any]] = []
     step = 0
+    last_saved: tuple[int, Path] | None = None
     if resumed is not None:
         opt.load_state_dict(optimizer_from_flat(resumed.optimizer_tensors, resumed.state["optimizer"]))
         loader.load_state_dict(resumed.state["loader"])
@@ -144,6 +161,7 @@ def train(
         evals = list(resumed.state.get("evals", []))
         step = int(resumed.state["step"])
         restore_rng(resumed, {"positions": objective.generator})
+        last_saved = (step, resumed.path)
         log(f"resumed from {resumed.path} at step {step}")
     amp = autocast_dtype(dev)
     params = [p for p in cop.parameters() if p.requires_grad]
@@ -203,7 +221,12 @@ def train(
             base_sum += res.ce_base.mean().item() / cfg.grad_accum
             pos1_a += res.ce_aug[..., 0].mean().item() / cfg.grad_accum
             pos1_b += res.ce_base[..., 0].mean().item() / cfg.grad_accum
-        gnorm = float(torch.nn.utils.clip_grad_norm_(params, cfg.clip)) if cfg.clip > 0 else float("nan")
+        gnorm = grad_norm(params, cfg.clip)
+        try:
+            check_step_finite(step + 1, loss_sum, gnorm, last_saved)
+        finally:
+            if bar is not None and not (math.isfinite(loss_sum) and math.isfinite(gnorm)):
+                bar.close()
         opt.step()
         opt.zero_grad(set_to_none=True)
         step += 1
@@ -232,6 +255,7 @@ def train(
             run_eval(step)
         if (cfg.save_every and step % cfg.save_every == 0) or step == end:
             ckpt = save(step)
+            last_saved = (step, ckpt)
     if bar is not None:
         bar.close()
     if ckpt is None and step > 0 and not (ckpt_path / "state.json").exists():

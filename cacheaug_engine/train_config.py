@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from .augment.coprocessor import CoprocessorConfig
+from .preflight import check_train_config
 
 
 def setting(
@@ -76,7 +77,8 @@ class TrainConfig:
     stop_after: int | None = setting(None, "stop this run after N steps (the schedule still spans --steps)")
 
     def validate(self) -> None:
-        """Raise ValueError naming the first bad value."""
+        """Raise ValueError naming the first bad value (types, finiteness, ranges: see preflight)."""
+        check_train_config(self)
         positive = ("seq_len", "batch_size", "grad_accum", "num_latents", "ahead", "positions", "eval_seqs")
         for name in positive:
             if getattr(self, name) < 1:
