@@ -130,8 +130,10 @@ def read_documents(paths: Iterable[str | os.PathLike]) -> list[Document]:
     docs: list[Document] = []
     for p in paths:
         path = Path(p)
+        if path.is_dir():
+            raise IsADirectoryError(f"{path}: is a directory; expected a text (.txt) or .jsonl data file")
         if not path.is_file():
-            raise FileNotFoundError(f"data file not found: {path}")
+            raise FileNotFoundError(f"{path}: data file not found (expected a text or .jsonl file)")
         if path.suffix == ".jsonl":
             with path.open(encoding="utf-8") as f:
                 for i, line in enumerate(f, 1):

@@ -63,6 +63,7 @@ def run_demo(args: Any) -> int:
     from .data import decode, encode, eos_id, load_corpus
     from .evaluate import evaluate_objective, format_table, plot_tables, report_table, write_json
     from .generate import generate
+    from .preflight import check_int, check_run_inputs, eval_ahead_range
     from .startup import autocast_dtype, load_model, load_tok, pick_device
     from .train import train
 
@@ -85,9 +86,13 @@ def run_demo(args: Any) -> int:
         tc = ck.state.get("train_config", {})
         base.update({k: tc[k] for k in ("ahead", "seq_len", "positions", "min_prefix") if k in tc})
     cfg = train_config_from_args(args, base)
-    if cfg.steps < 0:
-        raise UsageError("--steps must be >= 0")
-    out = Path(cfg.out)
+    # every demo value is checked here, before the model is loaded and minutes are spent training
+    out = check_run_inputs(cfg)
+    lo, hi = eval_ahead_range(cfg.seq_len)
+    eval_ahead = check_int(args.eval_ahead, f"--eval-ahead (for --seq-len {cfg.seq_len})", lo, hi)
+    n_new = check_int(args.max_new_tokens, "--max-new-tokens", 1)
+    if args.prompt is not None and not args.prompt.strip():
+        raise UsageError("--prompt: expected non-empty text, got an empty string")
     print(f"cacheaug demo: device {dev}, out {out}")
     print("loading the decoder (SmolLM2-135M) and the text ..." if cfg.model == "default" else "loading ...")
     t = time.perf_counter()
@@ -113,9 +118,6 @@ def run_demo(args: Any) -> int:
     print(f"evaluating on {held.shape[0]} held-out sequences (documents never trained on) ...")
     t = time.perf_counter()
     amp = autocast_dtype(dev)
-    eval_ahead = args.eval_ahead or cfg.ahead
-    if eval_ahead < 1 or eval_ahead + 8 > cfg.seq_len:
-        raise UsageError(f"--eval-ahead must be in [1, {cfg.seq_len - 8}]")
     eval_obj = CacheAugmentationObjective(decoder, res.coprocessor, ahead=eval_ahead)
     ev = evaluate_objective(eval_obj, held, batch_size=cfg.batch_size, autocast_dtype=amp)
     tab = report_table(ev)
@@ -136,7 +138,6 @@ def run_demo(args: Any) -> int:
         prompt_ids = torch.tensor([encode(tok, prompt_text)], dtype=torch.long)
         if prompt_ids.shape[1] == 0:
             raise UsageError("--prompt is empty")
-    n_new = max(int(args.max_new_tokens), 1)
     eos = eos_id(tok)
     t = time.perf_counter()
     plain = generate(decoder, prompt_ids, max_new_tokens=n_new, eos_id=eos)
@@ -200,11 +201,21 @@ def run_generate_cli(args: Any) -> int:
     from .cli_args import UsageError
     from .data import decode, encode, eos_id
     from .generate import augment, generate, load_latents, save_latents
-    from .startup import coprocessor_from_checkpoint, load_model, load_tok, pick_device
+    from .preflight import check_int, check_number, probe_writable_dir
+    from .startup import coprocessor_from_checkpoint, load_model, load_tok, pick_device, train_config_of
     from .train_config import TrainConfig
 
-    if args.max_new_tokens < 1 or args.num_samples < 1:
-        raise UsageError("--max-new-tokens and --num-samples must be >= 1")
+    # every value checked before a checkpoint or model is read
+    check_int(args.max_new_tokens, "--max-new-tokens", 1)
+    check_int(args.num_samples, "--num-samples", 1)
+    check_number(args.temperature, "--temperature (0 = greedy)", 0.0)
+    check_int(args.top_k, "--top-k (0 = off)", 0)
+    if not args.prompt.strip():
+        raise UsageError("--prompt: expected non-empty text, got an empty string")
+    if args.latents is not None and not Path(args.latents).is_file():
+        raise FileNotFoundError(f"--latents: {args.latents}: no such file (expected a file from --save-latents)")
+    if args.save_latents is not None:
+        probe_writable_dir(Path(args.save_latents).parent, "--save-latents")
     dev = pick_device(args.device)
     ck = None
     need_cop = not args.no_augment and args.latents is None
@@ -213,7 +224,7 @@ def run_generate_cli(args: Any) -> int:
         ck = load_checkpoint(ck_path, with_optimizer=False)
     if need_cop and ck is None:
         raise UsageError("no coprocessor: pass --checkpoint (this build ships none) or --no-augment")
-    tc = TrainConfig.from_dict(ck.state["train_config"]) if ck is not None else TrainConfig()
+    tc = train_config_of(ck) if ck is not None else TrainConfig()
     model_spec = args.model or tc.model
     decoder = load_model(model_spec, dev)
     tok = load_tok(args.tokenizer or tc.tokenizer, model_spec)

@@ -52,7 +52,10 @@ def evaluate_objective(
     objective.eval()
     na = objective.ahead
     t = sequences.shape[1]
-    stride = stride or na
+    if stride is None:
+        stride = na
+    elif stride < 1:
+        raise ValueError(f"stride: expected an integer >= 1 (or None for N_A), got {stride}")
     dev = next(objective.coprocessor.parameters()).device
     sum_aug = torch.zeros(na, dtype=torch.float64)
     sum_base = torch.zeros(na, dtype=torch.float64)
@@ -184,16 +187,25 @@ def run_eval_cli(args: Any) -> int:
     """``cacheaug eval CKPT ...``: one table per checkpoint on the same held-out sequences."""
     from .checkpoint import load_checkpoint
     from .data import load_corpus
-    from .startup import autocast_dtype, coprocessor_from_checkpoint, load_model, load_tok, pick_device
-    from .train_config import TrainConfig
+    from .preflight import check_data_files, check_int, probe_writable_dir
+    from .startup import autocast_dtype, coprocessor_from_checkpoint, load_model, load_tok, pick_device, train_config_of
 
+    # everything is checked before the decoder is loaded (checkpoints are small: read them first)
+    check_int(args.eval_seqs, "--eval-seqs", 1)
+    check_int(args.batch_size, "--batch-size", 1)
     ckpts = [load_checkpoint(p, with_optimizer=False) for p in args.checkpoints]
-    first = TrainConfig.from_dict(ckpts[0].state["train_config"])
+    configs = [train_config_of(ck) for ck in ckpts]
+    first = configs[0]
     model_spec = args.model or first.model
-    seq_len = args.seq_len or first.seq_len
+    seq_len = first.seq_len if args.seq_len is None else check_int(args.seq_len, "--seq-len", 2)
     data = args.data or first.data
-    if args.eval_seqs < 1 or args.batch_size < 1:
-        raise ValueError("--eval-seqs and --batch-size must be >= 1")
+    if data:
+        check_data_files(data, "--data" if args.data else f"data of {ckpts[0].path} (pass --data)")
+    aheads = []
+    for ck, cfg in zip(ckpts, configs, strict=True):
+        what = "--ahead" if args.ahead is not None else f"ahead of {ck.path} (pass --ahead)"
+        aheads.append(check_int(cfg.ahead if args.ahead is None else args.ahead, what, 1, seq_len - 1))
+    out = probe_writable_dir(args.out, "--out")
     dev = pick_device(args.device)
     decoder = load_model(model_spec, dev)
     tok = load_tok(args.tokenizer or first.tokenizer, model_spec)
@@ -202,10 +214,8 @@ def run_eval_cli(args: Any) -> int:
     print(f"held-out: {held.shape[0]} sequences of {seq_len} tokens")
     tables: dict[str, dict[str, Any]] = {}
     results = []
-    for ck in ckpts:
-        cfg = TrainConfig.from_dict(ck.state["train_config"])
+    for ck, ahead in zip(ckpts, aheads, strict=True):
         cop = coprocessor_from_checkpoint(decoder, ck, device=dev)
-        ahead = args.ahead or cfg.ahead
         obj = CacheAugmentationObjective(decoder, cop, ahead=ahead)
         res = evaluate_objective(obj, held, batch_size=args.batch_size, autocast_dtype=autocast_dtype(dev))
         tab = report_table(res)
@@ -224,7 +234,6 @@ def run_eval_cli(args: Any) -> int:
                 **tab,
             }
         )
-    out = Path(args.out)
     write_json(
         {"model": model_spec, "seq_len": seq_len, "heldout_sequences": int(held.shape[0]), "results": results},
         out / "eval.json",

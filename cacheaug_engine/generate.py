@@ -102,7 +102,7 @@ def augment(
         raise ValueError(f"prompt_ids must be [1, P] with P >= 1, got {tuple(prompt_ids.shape)}")
     p = prompt_ids.shape[1]
     start = p - 1 if coprocessor.placement == "early" else p
-    cap = capacity or (start + coprocessor.num_latents + 64)
+    cap = capacity if capacity is not None else start + coprocessor.num_latents + 64
     cache = prefill_prefix(decoder, prompt_ids[:, :start], cap)
     pos = torch.tensor([[p]], device=prompt_ids.device)
     if stream is None:

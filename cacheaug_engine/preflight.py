@@ -148,8 +148,14 @@ def check_train_config(cfg: Any) -> None:
     if not 0 <= cfg.heldout_frac < 1:
         raise ValueError(f"{flag('heldout_frac')}: expected a fraction in [0, 1), got {cfg.heldout_frac!r}")
     check_device(cfg.device, flag("device"))
+
+
+def check_run_inputs(cfg: Any) -> Path:
+    """What a run reads and writes, checked before the model is loaded: the data files exist and
+    are files, ``out`` is a writable directory (returned)."""
     if cfg.data:
         check_data_files(cfg.data, flag("data"))
+    return probe_writable_dir(cfg.out, flag("out"))
 
 
 def probe_writable_dir(path: str | os.PathLike, what: str = "out (--out)") -> Path:
@@ -195,3 +201,25 @@ def check_resume(saved: dict[str, Any], cfg: Any, source: str | os.PathLike) -> 
             f"--resume: {source} was trained with other settings ({items}); pass the checkpoint's values "
             f"or start a new run in another --out (only {', '.join(sorted(RESUME_MAY_CHANGE))} may change)"
         )
+
+
+def check_int(value: Any, what: str, low: int, high: int | None = None) -> int:
+    """``value`` is an integer in [low, high] (high None: no upper bound); else ValueError naming ``what``."""
+    ok = _is_int(value) and value >= low and (high is None or value <= high)
+    if not ok:
+        want = f"an integer in [{low}, {high}]" if high is not None else f"an integer >= {low}"
+        raise ValueError(f"{what}: expected {want}, got {value!r}")
+    return value
+
+
+def check_number(value: Any, what: str, low: float, *, strict: bool = False) -> float:
+    """``value`` is a finite number >= low (> low when ``strict``); else ValueError naming ``what``."""
+    ok = (_is_int(value) or isinstance(value, float)) and math.isfinite(value)
+    if not ok or not (value > low if strict else value >= low):
+        raise ValueError(f"{what}: expected a finite number {'>' if strict else '>='} {low}, got {value!r}")
+    return float(value)
+
+
+def eval_ahead_range(seq_len: int) -> tuple[int, int]:
+    """Valid N_A for evaluating sequences of ``seq_len`` tokens: at least 8 context tokens before a point."""
+    return 1, max(seq_len - 8, 1)

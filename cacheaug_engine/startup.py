@@ -17,8 +17,10 @@ from typing import Any
 import torch
 
 from .augment.coprocessor import Coprocessor, CoprocessorConfig
-from .checkpoint import Checkpoint
+from .checkpoint import STATE_FILE, Checkpoint, CheckpointError
 from .data import ByteTokenizer
+from .preflight import check_device
+from .train_config import TrainConfig
 
 
 def load_model(spec: str, device: str | torch.device = "cpu") -> Any:
@@ -57,6 +59,7 @@ def load_tok(spec: str | None, model_spec: str) -> Any:
 
 def pick_device(name: str) -> torch.device:
     """ "auto" -> cuda when available, else cpu; a named cuda without a device raises."""
+    check_device(name)  # a misspelt name or a missing GPU: ValueError naming --device
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(name)
@@ -82,3 +85,14 @@ def coprocessor_from_checkpoint(
     cop = Coprocessor(decoder, config=CoprocessorConfig.from_dict(ckpt.coprocessor_config), seed=seed)
     cop.load_trainable_state(ckpt.coprocessor)
     return cop if device is None else cop.to(device)
+
+
+def train_config_of(ckpt: Checkpoint) -> TrainConfig:
+    """The TrainConfig a checkpoint was trained with; CheckpointError naming its state.json when
+    the section is missing or no longer a valid TrainConfig."""
+    try:
+        return TrainConfig.from_dict(ckpt.train_config())
+    except (TypeError, ValueError) as e:
+        if isinstance(e, CheckpointError):
+            raise
+        raise CheckpointError(f"{ckpt.path / STATE_FILE}: train_config: {e}") from None

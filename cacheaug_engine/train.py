@@ -32,7 +32,7 @@ from .checkpoint import (
 from .data import Corpus, SequenceLoader, load_corpus
 from .evaluate import evaluate_objective, format_table, report_table
 from .numerics import check_step_finite, grad_norm
-from .preflight import check_resume, probe_writable_dir
+from .preflight import check_resume, check_run_inputs
 from .startup import autocast, autocast_dtype, coprocessor_from_checkpoint, load_model, load_tok, pick_device
 from .train_config import TrainConfig
 
@@ -103,7 +103,7 @@ def train(
     """Run (or resume) training as ``cfg`` says; checkpoints go to ``<out>/checkpoint``."""
     cfg.validate()
     t_start = time.perf_counter()
-    out = probe_writable_dir(cfg.out)  # before any loading: an unwritable --out fails now, not at the first save
+    out = check_run_inputs(cfg)  # before any loading: a bad --data or unwritable --out fails now, not later
     ckpt_path = out / "checkpoint"
     resumed = None
     if resume:
