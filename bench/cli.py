@@ -129,8 +129,7 @@ def run(args: argparse.Namespace) -> int:
         from .plot import render
 
         if not args.inputs:
-            print("cacheaug bench plot: give one or more result JSON files", file=sys.stderr)
-            return 2
+            raise ValueError("bench plot: expected one or more result JSON files (from cacheaug bench ... --out)")
         out_md = args.out or str(Path(args.inputs[0]).with_suffix(".md"))
         plot_dir = args.plot_dir or str(Path(out_md).parent / "plots")
         written = render(args.inputs, plot_dir, out_md)
@@ -138,8 +137,7 @@ def run(args: argparse.Namespace) -> int:
             print(path)
         return 0
     if args.inputs:
-        print(f"unexpected arguments: {args.inputs}", file=sys.stderr)
-        return 2
+        raise ValueError(f"bench {args.what}: unexpected arguments {args.inputs} (files are only for bench plot)")
     doc = run_sections(args)
     print(_summary(doc))
     return 0
@@ -149,4 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="cacheaug bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser)
-    return run(parser.parse_args(argv))
+    try:
+        return run(parser.parse_args(argv))
+    except (ValueError, OSError) as e:
+        print(f"cacheaug bench: error: {e}", file=sys.stderr)
+        return 2

@@ -30,9 +30,23 @@ SHAPE_KEYS = {
 
 
 def load(paths: list[str | Path]) -> list[dict[str, Any]]:
+    """Result documents; a file that is missing, not JSON or not a bench result raises an error naming it."""
+    from .records import validate_results
+
     docs = []
     for p in paths:
-        doc = json.loads(Path(p).read_text())
+        path = Path(p)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no such result file (expected a JSON file written by cacheaug bench)")
+        try:
+            doc = json.loads(path.read_text())
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"{path}: not a bench result (not valid JSON: {e})") from None
+        if not isinstance(doc, dict) or not isinstance(doc.get("records"), list):
+            raise ValueError(f"{path}: not a bench result (expected a JSON object with a 'records' list)")
+        problems = validate_results(doc)
+        if problems:
+            raise ValueError(f"{path}: not a bench result ({'; '.join(problems[:3])})")
         doc["_path"] = str(p)
         docs.append(doc)
     return docs

@@ -30,8 +30,13 @@ def load_model(spec: str, device: str | torch.device = "cpu") -> Any:
     if spec.startswith("random:"):
         cfg_path = Path(spec[len("random:") :])
         if not cfg_path.is_file():
-            raise FileNotFoundError(f"{cfg_path}: no such decoder config file")
-        cfg = DecoderConfig.from_dict(json.loads(cfg_path.read_text()))
+            raise FileNotFoundError(f"{cfg_path}: no such decoder config file (--model random:<config.json>)")
+        try:
+            cfg = DecoderConfig.from_dict(json.loads(cfg_path.read_text()))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"{cfg_path}: not a JSON decoder config ({e})") from None
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{cfg_path}: {e}") from None
         model = Decoder.from_config(cfg, dtype=torch.float32, seed=0)
     elif spec == "default":
         model = load_decoder(default_model_path())
