@@ -1,9 +1,9 @@
 """Useful work: FLOPs of visible scores only, and bytes for memory-bound ops.
 
-Segment attention (DESIGN.md section 2): row i of block k (absolute position p_k + i)
-sees prefix keys j < p_k with j > p_k + i - window, and its block's keys i' <= i (all
-i' if not causal) with i' > i - window. Each visible (row, key) pair costs 2*Dh FLOPs
-for QK^T and 2*Dh for PV per query head. Backward is counted as 2.5x forward (five
+Segment attention (contract: ops.segment_attention, cacheaug_engine/ops/__init__.py): row i of
+block k (absolute position p_k + i) sees prefix keys j < p_k with j > p_k + i - window, and
+its block's keys i' <= i (all i' if not causal) with i' > i - window. Each visible (row, key)
+pair costs 2*Dh FLOPs for QK^T and 2*Dh for PV per query head. Backward is counted as 2.5x forward (five
 matmuls vs two, the FlashAttention convention), so fwd+bwd = 3.5x forward.
 """
 

@@ -1,4 +1,4 @@
-"""Decode ops (DESIGN.md section 3): decode_attention, cascade_decode, merge_states.
+"""Decode ops (cacheaug_engine/ops/__init__.py): decode_attention, cascade_decode, merge_states.
 
 All three are memory-bound: GB/s counts the bytes that must be read at least once
 (bench.flops), and % of peak is against the measured device copy bandwidth.

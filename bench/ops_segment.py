@@ -1,4 +1,4 @@
-"""Segment attention (DESIGN.md section 2): our backends vs peers, forward and forward+backward.
+"""Segment attention (cacheaug_engine/ops/__init__.py): our backends vs peers, forward and forward+backward.
 
 Ours: cacheaug_engine.segment_attention with backend torch / flex / triton.
 Peers (backend names start with "peer:"):

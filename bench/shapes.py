@@ -1,4 +1,4 @@
-"""Benchmark shapes taken from real models (issue 7, DESIGN.md section 7).
+"""Benchmark shapes taken from real models (issue 7).
 
 Segment attention: T in {1k, 4k, 16k}, N in {16, 64, 128}, N_L in {4, 16, 64}, N_A = 16,
 block length S = N_L + N_A - 1. The full cross product (81 shapes per model-free axis)

@@ -1,7 +1,7 @@
 """cacheaug-engine: fused kernels for differentiable cache augmentation.
 
 A frozen decoder builds its KV cache; a trainable coprocessor reads it and writes latent
-embeddings that are appended to it. See DESIGN.md / README.md.
+embeddings that are appended to it. See README.md.
 """
 
 from __future__ import annotations

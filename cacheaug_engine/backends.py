@@ -1,4 +1,4 @@
-"""Backend availability and selection (DESIGN.md section 4).
+"""Backend availability and selection.
 
 Selection order: explicit ``backend=`` argument > ``CACHEAUG_BACKEND`` environment
 variable > the best available backend for the tensors' device. A backend that is named

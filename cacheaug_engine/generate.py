@@ -5,8 +5,9 @@
   decoding stream wait for them at first use).
 * ``generate(...)`` appends the latents (or nothing, for the plain decoder) and decodes
   greedily or by sampling. ``num_samples=n`` decodes n continuations of one augmented
-  prompt with ``ops.cascade_decode``: the prompt+latents cache is shared, read in place
-  ([Hkv, T, Dh] views of the prefill cache, never copied), each sample has its own suffix.
+  prompt with ``decoder.decode_step_shared`` (``ops.cascade_decode``): the prompt+latents
+  cache is shared, read in place ([Hkv, T, Dh] views of the prefill cache, never copied),
+  each sample has its own suffix.
 * ``save_latents`` / ``load_latents``: latents for a prompt computed once, stored in
   safetensors with the prompt's token ids, and reused (the paper's offline mode).
 
@@ -27,12 +28,11 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
-from . import ops
 from .augment.coprocessor import Coprocessor
-from .models import KVCache
+from .models import DecoderLike, KVCache
 
 
-def _empty_cache(decoder: Any, batch: int, capacity: int) -> KVCache:
+def _empty_cache(decoder: DecoderLike, batch: int, capacity: int) -> KVCache:
     c = decoder.cfg
     return KVCache.empty(
         c.num_layers, batch, c.num_kv_heads, c.head_dim, capacity, dtype=decoder.dtype, device=decoder.device
@@ -40,7 +40,7 @@ def _empty_cache(decoder: Any, batch: int, capacity: int) -> KVCache:
 
 
 @torch.no_grad()
-def prefill_prefix(decoder: Any, ids: Tensor, capacity: int) -> KVCache:
+def prefill_prefix(decoder: DecoderLike, ids: Tensor, capacity: int) -> KVCache:
     """Cache of ``ids`` [1, P] (P may be 0) with room for ``capacity`` entries."""
     if ids.shape[1] == 0:
         return _empty_cache(decoder, ids.shape[0], capacity)
@@ -85,7 +85,7 @@ class AugmentHandle:
 
 @torch.no_grad()
 def augment(
-    decoder: Any,
+    decoder: DecoderLike,
     coprocessor: Coprocessor,
     prompt_ids: Tensor,
     *,
@@ -159,26 +159,6 @@ def _pick(logits: Tensor, temperature: float, top_k: int, gen: torch.Generator |
     return torch.multinomial(probs.cpu(), 1, generator=gen).view(-1).to(logits.device)
 
 
-@torch.no_grad()
-def _cascade_step(decoder: Any, ids: Tensor, shared_k: list[Tensor], shared_v: list[Tensor], suffix: KVCache) -> Tensor:
-    """One decode step of n samples over a shared cache (per layer [Hkv, T, Dh]) + own suffixes."""
-    t = shared_k[0].shape[1]
-    suffix.reserve(suffix.max_len + 1)
-    new_lens = suffix.lens + 1
-    length = suffix.max_len + 1
-    positions = (t + suffix.lens).view(-1, 1)
-
-    def attend(i: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        suffix.write(i, k, v)
-        ks, vs = suffix.layer(i, length)
-        kw = decoder._attn_kw(i)
-        return ops.cascade_decode(q[:, :, 0], shared_k[i], shared_v[i], ks, vs, new_lens, **kw).unsqueeze(2)
-
-    hidden = decoder._run(decoder.embed(ids.view(-1, 1)), positions, attend)
-    suffix.advance(1)
-    return decoder.logits(hidden[:, 0])
-
-
 @dataclass
 class Generation:
     """Output of :func:`generate`: new token ids per sample (prompt excluded)."""
@@ -190,7 +170,7 @@ class Generation:
 
 @torch.no_grad()
 def generate(
-    decoder: Any,
+    decoder: DecoderLike,
     prompt_ids: Tensor,
     *,
     coprocessor: Coprocessor | None = None,
@@ -255,5 +235,5 @@ def generate(
                     done[i] = True
         if bool(done.all()):
             break
-        logits = _cascade_step(decoder, nxt, shared_k, shared_v, suffix)
+        logits = decoder.decode_step_shared(nxt, shared_k, shared_v, suffix)
     return Generation(out, handle is not None, p)

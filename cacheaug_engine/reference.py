@@ -1,4 +1,4 @@
-"""Plain PyTorch ground truth for every op (DESIGN.md sections 2-3).
+"""Plain PyTorch ground truth for every op (contracts: the op docstrings in ops/__init__.py).
 
 Written for clarity, not speed: one block / one request at a time, explicit masks,
 math in float32 (or float64 when the inputs are float64). Every fast backend is tested

@@ -1,7 +1,8 @@
 """An independent dense formulation of the ops, for testing the reference itself.
 
 Keys are explicitly concatenated ([prefix ; all blocks]) and an explicit boolean mask is
-built element by element from DESIGN.md section 2; attention is SDPA (or plain math when
+built element by element from the contract in ops.segment_attention's docstring
+(cacheaug_engine/ops/__init__.py); attention is SDPA (or plain math when
 softcap is set, which SDPA does not support).
 """
 

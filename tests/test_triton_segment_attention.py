@@ -4,7 +4,7 @@ On a machine with a GPU (and TRITON_INTERPRET unset) the same tests run on CUDA 
 with compiled kernels; tests/test_triton_segment_attention_cuda.py adds bf16 and long
 shapes there.
 
-Tolerance (flash-attention's rule, DESIGN.md section 5): against the fp32 reference on
+Tolerance (flash-attention's rule): against the fp32 reference on
 the same (rounded) inputs, the kernel's error must be at most 2x the error of the same
 computation done in PyTorch at the kernel's dtype (dense per-block attention, and the
 torch backend), plus a tiny absolute floor.

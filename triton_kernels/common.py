@@ -113,7 +113,7 @@ def input_precision(dtype: torch.dtype) -> str:
 
 
 def dot_f32(dtype: torch.dtype) -> bool:
-    # bf16 tl.dot is wrong in the interpreter (DESIGN.md section 7): compute it in fp32 there.
+    # bf16 tl.dot gives garbage in the Triton interpreter (seen with triton 3.9): compute it in fp32 there.
     return cfgs.interpreting() and dtype == torch.bfloat16
 
 

@@ -1,4 +1,6 @@
-"""Fused Triton segment attention (DESIGN.md section 2): forward kernel, launchers, op.
+"""Fused Triton segment attention: forward kernel, launchers, op.
+
+The contract is ops.segment_attention's docstring (cacheaug_engine/ops/__init__.py).
 
 Layout: q [B, Hq, N*S, Dh]; k, v [B, Hkv, N*S, Dh] (the blocks' own keys); k_prefix,
 v_prefix [B, Hkv, T, Dh] (the frozen cache); prefix_lens int [B, N]. Row i of block k
@@ -24,7 +26,8 @@ partial tile per range (and, when a tile spans two blocks, the gap p_{k+1} - p_k
 Numerics: online softmax in base 2 with fp32 accumulators; lse is returned as natural
 log in fp32 [B, Hq, N*S]. Softcap c*tanh(s/c) is applied before masking. fp32 inputs use
 IEEE fp32 dots unless torch.backends.cuda.matmul.allow_tf32 is set. Under
-TRITON_INTERPRET=1, bf16 tiles are cast to fp32 before tl.dot (DESIGN.md section 7).
+TRITON_INTERPRET=1, bf16 tiles are cast to fp32 before tl.dot (bf16 tl.dot is wrong in the
+interpreter, seen with triton 3.9).
 
 The backward kernels live in segment_attention_bwd.py, the jit and launch helpers both use in
 common.py, tile configs in segment_attention_configs.py. The public entry point is `segment_attention` below, a thin

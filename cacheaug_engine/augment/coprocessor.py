@@ -16,6 +16,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..models.cache import KVCache
+from ..models.protocol import DecoderLike
 from .layout import PLACEMENTS, BlockLayout, block_layout
 from .lora import DEFAULT_TARGETS, LoRALinear, add_lora, shared_clone
 
@@ -78,23 +80,22 @@ def _embedding_weight(decoder: nn.Module) -> Tensor | None:
 
 
 @torch.no_grad()
-def _embedding_stats(decoder: nn.Module, generator: torch.Generator, sample: int = 4096) -> tuple[Tensor, Tensor]:
+def _embedding_stats(decoder: DecoderLike, generator: torch.Generator, sample: int = 4096) -> tuple[Tensor, Tensor]:
     """Per-dim mean and std of decoder.embed over random vocabulary tokens (fp32 [d] each)."""
     vocab = decoder.cfg.vocab_size
-    ids = torch.randint(0, vocab, (1, min(sample, vocab)), generator=generator).to(_device(decoder))
+    ids = torch.randint(0, vocab, (1, min(sample, vocab)), generator=generator).to(decoder.device)
     emb = decoder.embed(ids)[0].float()
     return emb.mean(0), emb.std(0)
-
-
-def _device(module: nn.Module) -> torch.device:
-    return next(module.parameters()).device
 
 
 class Coprocessor(nn.Module):
     """Maps (decoder cache, augmentation points) to latents [B, N, N_L, d].
 
     Args:
-        decoder: the frozen decoder (a ``cacheaug_engine.models.Decoder``); never modified.
+        decoder: the frozen decoder: an ``nn.Module`` implementing ``models.DecoderLike`` (e.g.
+            ``models.Decoder``); never modified. Its module structure is copied (sharing the
+            weights) to make the coprocessor's own network, which is driven only through
+            ``DecoderLike`` (``forward_blocks``).
         num_latents: N_L (overrides ``config.num_latents`` when config is given too).
         lora_rank: None = full trainable copy of the weights; int = LoRA adapters on the
             decoder's shared weights (nothing copied).
@@ -104,7 +105,7 @@ class Coprocessor(nn.Module):
 
     def __init__(
         self,
-        decoder: nn.Module,
+        decoder: DecoderLike,
         num_latents: int = 8,
         lora_rank: int | None = None,
         *,
@@ -113,6 +114,10 @@ class Coprocessor(nn.Module):
         **settings: Any,
     ) -> None:
         super().__init__()
+        if not isinstance(decoder, nn.Module) or not isinstance(decoder, DecoderLike):
+            raise TypeError(
+                f"decoder: expected an nn.Module implementing models.DecoderLike, got {type(decoder).__name__}"
+            )
         if config is None:
             config = CoprocessorConfig(num_latents=num_latents, lora_rank=lora_rank, **settings)
         self.config = config
@@ -127,9 +132,9 @@ class Coprocessor(nn.Module):
                 add_lora(model, config.lora_rank, config.lora_alpha, DEFAULT_TARGETS)
             finally:
                 torch.random.set_rng_state(state)
-        self.model = model
+        self.model: DecoderLike = model
         d = decoder.cfg.hidden_size
-        dev = _device(decoder)
+        dev = decoder.device
         if config.soft_init == "stats":
             mean, std = _embedding_stats(decoder, gen)
             soft = mean + std * torch.randn(config.num_latents, d, generator=gen).to(mean.device)
@@ -153,22 +158,26 @@ class Coprocessor(nn.Module):
     # -- construction helpers -----------------------------------------------------------------
     @staticmethod
     def _make_full_copy(model: nn.Module) -> None:
-        """Give every transformer parameter its own trainable fp32 copy (embeddings and head stay shared)."""
+        """Give every transformer parameter its own trainable fp32 copy (embeddings and head stay shared).
+
+        ``register_parameter`` on a name the module already holds replaces that parameter (the
+        public way to swap one); the clone's other modules, and the decoder, keep the shared one.
+        """
         emb = _embedding_weight(model)
         head = getattr(model, "lm_head", None)
         for mod in model.modules():
             if isinstance(mod, nn.Embedding) or mod is head:
                 continue
-            for name, p in list(mod._parameters.items()):
-                if p is None or (emb is not None and p is emb):
+            for name, p in list(mod.named_parameters(recurse=False)):
+                if emb is not None and p is emb:
                     continue
-                mod._parameters[name] = nn.Parameter(p.detach().float().clone(), requires_grad=True)
+                mod.register_parameter(name, nn.Parameter(p.detach().float().clone(), requires_grad=True))
 
     @staticmethod
     @torch.no_grad()
-    def _auto_scale(decoder: nn.Module, gen: torch.Generator) -> float:
+    def _auto_scale(decoder: DecoderLike, gen: torch.Generator) -> float:
         """Token-embedding RMS / last-hidden-state RMS, measured on a few random tokens."""
-        ids = torch.randint(0, decoder.cfg.vocab_size, (1, 32), generator=gen).to(_device(decoder))
+        ids = torch.randint(0, decoder.cfg.vocab_size, (1, 32), generator=gen).to(decoder.device)
         emb_rms = decoder.embed(ids).float().pow(2).mean().sqrt()
         out = decoder.prefill(ids, return_hidden=True)
         hid_rms = out[2].float().pow(2).mean().sqrt()
@@ -215,7 +224,7 @@ class Coprocessor(nn.Module):
         """The latent multiplier per slot, fp32 [N_L]."""
         return self.log_scale.exp()
 
-    def forward(self, cache: Any, layout: BlockLayout) -> Tensor:
+    def forward(self, cache: KVCache, layout: BlockLayout) -> Tensor:
         """Latents [B, N, N_L, d] for the blocks of ``layout`` over the decoder's ``cache``."""
         b, n = layout.prefix_lens.shape
         nl = self.num_latents
@@ -229,7 +238,7 @@ class Coprocessor(nn.Module):
         z = hidden.view(b, n, nl, -1)
         return z * self.scale().to(z.dtype).view(1, 1, nl, 1)
 
-    def latents_at(self, cache: Any, positions: Tensor, ahead: int = 1) -> Tensor:
+    def latents_at(self, cache: KVCache, positions: Tensor, ahead: int = 1) -> Tensor:
         """Latents [B, N, N_L, d] for augmentation points ``positions`` [B, N] (inference helper)."""
         layout = block_layout(positions, self.num_latents, ahead, self.placement)
         return self.forward(cache, layout)

@@ -1,4 +1,4 @@
-"""Augmentation positions and the block layout of the multi-position pass (DESIGN.md s1).
+"""Augmentation positions and the block layout of the multi-position pass (README.md, "What it computes").
 
 For a sequence x[0:T] and augmentation points p_1 < ... < p_N, each point k owns one
 block in the coprocessor pass (N_L soft-token rows) and one block in the augmented decoder

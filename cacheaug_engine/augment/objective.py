@@ -1,4 +1,4 @@
-"""CacheAugmentationObjective: the multi-position training loss of DESIGN.md section 1.
+"""CacheAugmentationObjective: the multi-position training loss (README.md, "What it computes").
 
 One call scores N augmentation points per sequence in three passes:
 
@@ -27,6 +27,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from ..models.cache import KVCache
+from ..models.protocol import DecoderLike
 from .coprocessor import Coprocessor
 from .layout import BlockLayout, block_layout, check_positions, sample_positions
 
@@ -52,7 +54,7 @@ class ObjectiveOutput:
         return self.ce_aug.flatten(0, 1).mean(0), self.ce_base.flatten(0, 1).mean(0)
 
 
-def _chunked_ce(decoder: nn.Module, hidden: Tensor, targets: Tensor, chunk: int = 1024) -> Tensor:
+def _chunked_ce(decoder: DecoderLike, hidden: Tensor, targets: Tensor, chunk: int = 1024) -> Tensor:
     """Per-row cross-entropy (fp32) of hidden [R, d] against targets [R], chunking the vocab matmul."""
     out = []
     for i in range(0, hidden.shape[0], chunk):
@@ -65,7 +67,8 @@ class CacheAugmentationObjective(nn.Module):
     """Loss of a coprocessor over a frozen decoder at N points per sequence, in one pass.
 
     Args:
-        decoder: the frozen decoder.
+        decoder: the frozen decoder (anything implementing ``models.DecoderLike``; only its
+            ``prefill``, ``embed``, ``forward_blocks`` and ``logits`` are called).
         coprocessor: a :class:`Coprocessor` built on that decoder (its ``placement`` is used).
         ahead: N_A, targets scored after each augmentation point.
         num_positions: N, random points per sequence when forward gets no positions.
@@ -76,7 +79,7 @@ class CacheAugmentationObjective(nn.Module):
 
     def __init__(
         self,
-        decoder: nn.Module,
+        decoder: DecoderLike,
         coprocessor: Coprocessor,
         ahead: int = 16,
         *,
@@ -87,7 +90,7 @@ class CacheAugmentationObjective(nn.Module):
         super().__init__()
         if ahead < 1:
             raise ValueError(f"ahead must be >= 1, got {ahead}")
-        self.decoder = decoder
+        self.decoder: DecoderLike = decoder
         self.coprocessor = coprocessor
         self.ahead = ahead
         self.num_positions = num_positions
@@ -143,7 +146,7 @@ class CacheAugmentationObjective(nn.Module):
         ce = _chunked_ce(dec, h_t, targets).view(b, n, na)
         return ObjectiveOutput(loss=ce.mean(), ce_aug=ce.detach(), ce_base=ce_base.float(), positions=positions)
 
-    def _decoder_blocks(self, x: Tensor, pos: Tensor, cache, prefix_lens: Tensor, block_len: int) -> Tensor:
+    def _decoder_blocks(self, x: Tensor, pos: Tensor, cache: KVCache, prefix_lens: Tensor, block_len: int) -> Tensor:
         return self.decoder.forward_blocks(x, pos, cache, prefix_lens, block_len, output="hidden")
 
     def _run(self, fn, *args):

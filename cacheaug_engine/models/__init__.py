@@ -10,8 +10,9 @@ from .config import DecoderConfig
 from .decoder import Decoder
 from .default import default_decoder, default_model_path, default_tokenizer
 from .loaders import load_decoder, load_tokenizer
+from .protocol import DecoderLike
 
 __all__ = [
-    "Decoder", "DecoderConfig", "KVCache", "default_decoder", "default_model_path", "default_tokenizer",
+    "Decoder", "DecoderConfig", "DecoderLike", "KVCache", "default_decoder", "default_model_path", "default_tokenizer",
     "load_decoder", "load_tokenizer",
 ]

@@ -15,6 +15,11 @@ Entry points (shapes: B batch, T/S lengths, d hidden, V vocab):
   block k attends to ``cache[:p_k]`` of every layer and causally to itself.
 * ``extend(ids | inputs_embeds, cache)`` - append S tokens to a cache (chunked prefill).
 * ``decode_step(ids [B] | inputs_embeds [B,d], cache) -> [B,V]`` - one token, cache advanced.
+* ``decode_step_shared(ids [n], shared_k, shared_v, suffix) -> [n,V]`` - one token for n requests
+  over one shared prefix cache (``ops.cascade_decode``) plus each request's own suffix cache.
+
+What augment/ and generate.py may rely on is the ``DecoderLike`` protocol (models/protocol.py);
+this class implements it.
 """
 
 from __future__ import annotations
@@ -390,6 +395,36 @@ class Decoder(nn.Module):
 
         hidden = self._run(x, positions, attend)
         cache.advance(1)
+        return self.logits(hidden[:, 0])
+
+    def decode_step_shared(
+        self, input_ids: Tensor, shared_k: list[Tensor], shared_v: list[Tensor], suffix: KVCache
+    ) -> Tensor:
+        """One token for each of n requests that share one prefix cache and each own a suffix.
+
+        Args:
+            input_ids: [n] the requests' current tokens.
+            shared_k, shared_v: per layer [Hkv, T, Dh], the shared prefix (e.g. prompt + latents),
+                read in place by ``ops.cascade_decode`` (never copied, never written).
+            suffix: a KVCache of batch n holding each request's own tokens after the prefix;
+                the new K/V are written there at lens[b] and lens advances by 1.
+
+        The token of request b sits at position T + suffix.lens[b]. Returns logits [n, V].
+        """
+        t = shared_k[0].shape[1]
+        suffix.reserve(suffix.max_len + 1)
+        new_lens = suffix.lens + 1
+        length = suffix.max_len + 1
+        positions = (t + suffix.lens).view(-1, 1)
+
+        def attend(i: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+            suffix.write(i, k, v)
+            ks, vs = suffix.layer(i, length)
+            o = ops.cascade_decode(q[:, :, 0], shared_k[i], shared_v[i], ks, vs, new_lens, **self._attn_kw(i))
+            return cast(Tensor, o).unsqueeze(2)
+
+        hidden = self._run(self.embed(input_ids.view(-1, 1)), positions, attend)
+        suffix.advance(1)
         return self.logits(hidden[:, 0])
 
     def _input(self, input_ids: Tensor | None, inputs_embeds: Tensor | None, where: str) -> Tensor:

@@ -1,7 +1,7 @@
 """Public ops: validation, backend dispatch, then one implementation per backend.
 
-    segment_attention  - training / latent prefill (DESIGN.md section 2)
-    decode_attention   - one-token decode over per-request caches (section 3)
+    segment_attention  - training / latent prefill
+    decode_attention   - one-token decode over per-request caches
     cascade_decode     - decode over one shared prefix + per-request suffixes
     merge_states       - exact log-sum-exp merge of two partial attentions
 
