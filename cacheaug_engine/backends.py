@@ -18,6 +18,8 @@ from functools import cache
 
 import torch
 
+from .capabilities import Call, capability_reason
+
 BACKEND_NAMES = ("torch", "flex", "triton", "cuda")
 
 # Which backends implement which op, in order of preference on a CUDA device.
@@ -110,14 +112,30 @@ def _env_choice(op: str) -> str | None:
     return None
 
 
-def resolve_backend(op: str, requested: str | None, device: torch.device) -> str:
-    """The backend that will run ``op`` on ``device``; raises if a named one cannot."""
+# Automatic choices so far, per (op, device type, dtype, head dim, features): resolved once,
+# then every layer's call is a dict lookup.
+_AUTO: dict[tuple, str] = {}
+
+
+def resolve_backend(
+    op: str, requested: str | None, device: torch.device, *, dtype: torch.dtype | None = None,
+    head_dim: int | None = None, features: tuple[str, ...] = (),
+) -> str:
+    """The backend that will run ``op`` on ``device``; raises if a named one cannot.
+
+    With ``dtype`` and ``head_dim`` given, a backend must also support them and every
+    feature in ``features`` (capabilities.FEATURES): automatic selection skips backends
+    that cannot run the call (the choice is cached per op, device type, dtype, head dim
+    and features); a named backend that cannot run it raises BackendUnavailableError
+    with the reason.
+    """
     supported = OP_BACKENDS[op]
     source = "backend="
     name = requested
     if name is None:
         name = _env_choice(op)
         source = "CACHEAUG_BACKEND="
+    call = None if dtype is None or head_dim is None else Call(op, device.type, dtype, int(head_dim), tuple(features))
     if name is not None:
         if name not in BACKEND_NAMES:
             raise ValueError(f"{source}{name!r} for {op}: expected one of {', '.join(BACKEND_NAMES)}")
@@ -126,12 +144,24 @@ def resolve_backend(op: str, requested: str | None, device: torch.device) -> str
                 f"{source}{name!r}: {op} has no {name} backend (it has: {', '.join(supported)})"
             )
         reason = backend_reason(name, device)
+        if reason is None and call is not None:
+            reason = capability_reason(name, call)
         if reason is not None:
             raise BackendUnavailableError(f"{source}{name!r} for {op} is unavailable: {reason}")
         return name
+    key = (op, device.type, dtype, head_dim, tuple(features))
+    choice = _AUTO.get(key)
+    if choice is None:
+        choice = _AUTO[key] = _auto_choice(op, device, call)
+    return choice
+
+
+def _auto_choice(op: str, device: torch.device, call: Call | None) -> str:
+    """The first backend in OP_BACKENDS order that is available and can run ``call``. Off CUDA
+    it is the torch backend (the Triton interpreter and CPU flex are for tests, not speed)."""
     if device.type != "cuda":
         return "torch"
-    for candidate in supported:
-        if backend_reason(candidate, device) is None:
+    for candidate in OP_BACKENDS[op]:
+        if backend_reason(candidate, device) is None and (call is None or capability_reason(candidate, call) is None):
             return candidate
     return "torch"

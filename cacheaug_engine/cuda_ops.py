@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from .backends import BackendUnavailableError
-from .ops.decode_common import FLOAT_CODES, c_decode_args, public_decode_ops
+from .ops.decode_common import FLOAT_CODES, c_decode_args
 
 _DTYPES = {getattr(torch, name): code for name, code in FLOAT_CODES.items()}
 HEAD_DIMS = (64, 128, 256)
@@ -46,11 +46,19 @@ def _stream(device: torch.device) -> int:
     return torch.cuda.current_stream(device).cuda_stream
 
 
-def _workspace(nbytes: int, device: torch.device) -> tuple[int, Tensor | None]:
-    if nbytes == 0:
-        return 0, None
-    ws = torch.empty(nbytes, dtype=torch.uint8, device=device)
-    return ws.data_ptr(), ws
+def workspace(
+    b: int, hq: int, hkv: int, dh: int, kv_capacity: int, shared_len: int | None, device: torch.device
+) -> Tensor:
+    """The split-KV workspace (uint8) for decode steps of up to ``kv_capacity`` keys (cascade: suffix
+    keys, with ``shared_len`` shared keys), sized once by ops.plan_decode. The split count only grows
+    with the key count, so a run over fewer keys fits too (the launcher checks the size)."""
+    C = _ext()
+    with torch.cuda.device(device):
+        if shared_len is None:
+            nbytes = C.decode_workspace(b, hq, hkv, kv_capacity, dh, 0)[-1]
+        else:
+            nbytes = C.cascade_workspace(b, hq, hkv, shared_len, kv_capacity, dh, 0)[-1]
+    return torch.empty(max(int(nbytes), 1), dtype=torch.uint8, device=device)
 
 
 def _ptr_strides(*tensors: Tensor) -> list[tuple[int, list[int]]]:
@@ -58,9 +66,11 @@ def _ptr_strides(*tensors: Tensor) -> list[tuple[int, list[int]]]:
 
 
 def _launch(launcher: str, workspace_query: str, q: Tensor, sizes: tuple[int, ...], kv: tuple[Tensor, ...],
-            lens: Tensor, softcap: float | None, window: int | None, scale: float | None) -> tuple[Tensor, Tensor]:
-    """Allocate o [B,Hq,Dh] and lse, size the split-KV workspace, call _C.<launcher>; sizes are the
-    launcher's (B, Hq, ..., Dh), which are also _C.<workspace_query>'s first arguments."""
+            lens: Tensor, softcap: float | None, window: int | None, scale: float | None,
+            ws: Tensor | None) -> tuple[Tensor, Tensor]:
+    """Allocate o [B,Hq,Dh] and lse, call _C.<launcher>; sizes are the launcher's (B, Hq, ..., Dh),
+    which are also _C.<workspace_query>'s first arguments. ``ws``: a planned workspace
+    (ops.plan_decode); without one it is sized and allocated here, for this call."""
     b, hq, dh = q.shape
     o = torch.empty((b, hq, dh), dtype=q.dtype, device=q.device)
     lse = torch.empty((b, hq), dtype=torch.float32, device=q.device)
@@ -68,8 +78,10 @@ def _launch(launcher: str, workspace_query: str, q: Tensor, sizes: tuple[int, ..
         return o, lse
     C = _ext()
     with torch.cuda.device(q.device):
-        nbytes = getattr(C, workspace_query)(*sizes, 0)[-1]
-        ws_ptr, ws = _workspace(nbytes, q.device)
+        if ws is None:
+            nbytes = getattr(C, workspace_query)(*sizes, 0)[-1]
+            ws = torch.empty(max(int(nbytes), 1), dtype=torch.uint8, device=q.device)
+        ws_ptr, nbytes = ws.data_ptr(), ws.numel()
         getattr(C, launcher)(
             *c_decode_args(
                 _DTYPES[q.dtype], sizes, _ptr_strides(q, *kv),
@@ -89,14 +101,15 @@ def _decode_op(
     softcap: float | None,
     window: int | None,
     scale: float | None,
+    workspace: Tensor | None,
 ) -> tuple[Tensor, Tensor]:
     _check(q, "decode_attention")
     sizes = (q.shape[0], q.shape[1], k.shape[1], k.shape[2], q.shape[2])  # B, Hq, Hkv, Tmax, Dh
-    return _launch("decode_attention", "decode_workspace", q, sizes, (k, v), lens, softcap, window, scale)
+    return _launch("decode_attention", "decode_workspace", q, sizes, (k, v), lens, softcap, window, scale, workspace)
 
 
 @_decode_op.register_fake
-def _(q, k, v, lens, softcap, window, scale):
+def _(q, k, v, lens, softcap, window, scale, workspace):
     b, hq, dh = q.shape
     return q.new_empty((b, hq, dh)), q.new_empty((b, hq), dtype=torch.float32)
 
@@ -112,16 +125,19 @@ def _cascade_op(
     softcap: float | None,
     window: int | None,
     scale: float | None,
+    workspace: Tensor | None,
 ) -> tuple[Tensor, Tensor]:
     _check(q, "cascade_decode")
     b, hq, dh = q.shape
     sizes = (b, hq, k_shared.shape[0], k_shared.shape[1], k_suffix.shape[2], dh)  # B, Hq, Hkv, T, L, Dh
     inputs = (k_shared, v_shared, k_suffix, v_suffix)
-    return _launch("cascade_decode", "cascade_workspace", q, sizes, inputs, suffix_lens, softcap, window, scale)
+    return _launch(
+        "cascade_decode", "cascade_workspace", q, sizes, inputs, suffix_lens, softcap, window, scale, workspace
+    )
 
 
 @_cascade_op.register_fake
-def _(q, k_shared, v_shared, k_suffix, v_suffix, suffix_lens, softcap, window, scale):
+def _(q, k_shared, v_shared, k_suffix, v_suffix, suffix_lens, softcap, window, scale, workspace):
     b, hq, dh = q.shape
     return q.new_empty((b, hq, dh)), q.new_empty((b, hq), dtype=torch.float32)
 
@@ -156,11 +172,27 @@ def _(o_a, lse_a, o_b, lse_b):
     return torch.empty_like(o_a), lse_a.new_empty(o_a.shape[:-1], dtype=torch.float32)
 
 
-decode_attention, cascade_decode = public_decode_ops(_decode_op, _cascade_op)
+def decode_attention(
+    q: Tensor, k: Tensor, v: Tensor, lens: Tensor, *, softcap: float | None = None, window: int | None = None,
+    scale: float | None = None, return_lse: bool = False, workspace: Tensor | None = None,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """ops.decode_attention on the CUDA kernels; ``workspace`` from ops.plan_decode (else per call)."""
+    o, lse = _decode_op(q, k, v, lens, softcap, window, scale, workspace)
+    return (o, lse) if return_lse else o
+
+
+def cascade_decode(
+    q: Tensor, k_shared: Tensor, v_shared: Tensor, k_suffix: Tensor, v_suffix: Tensor, suffix_lens: Tensor, *,
+    softcap: float | None = None, window: int | None = None, scale: float | None = None, return_lse: bool = False,
+    workspace: Tensor | None = None,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """ops.cascade_decode on the CUDA kernels; ``workspace`` from ops.plan_decode (else per call)."""
+    o, lse = _cascade_op(q, k_shared, v_shared, k_suffix, v_suffix, suffix_lens, softcap, window, scale, workspace)
+    return (o, lse) if return_lse else o
 
 
 def merge_states(o_a: Tensor, lse_a: Tensor, o_b: Tensor, lse_b: Tensor) -> tuple[Tensor, Tensor]:
     return _merge_op(o_a, lse_a, o_b, lse_b)
 
 
-__all__ = ["decode_attention", "cascade_decode", "merge_states", "HEAD_DIMS"]
+__all__ = ["decode_attention", "cascade_decode", "merge_states", "workspace", "HEAD_DIMS"]

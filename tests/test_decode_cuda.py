@@ -122,9 +122,9 @@ def test_opcheck():
     q = torch.randn(2, 8, 64, device=DEVICE, dtype=torch.float16)
     k = torch.randn(2, 2, 50, 64, device=DEVICE, dtype=torch.float16)
     lens = torch.tensor([50, 3], device=DEVICE, dtype=torch.int32)
-    torch.library.opcheck(cuda_ops._decode_op, (q, k, k, lens, None, None, None))
+    torch.library.opcheck(cuda_ops._decode_op, (q, k, k, lens, None, None, None, None))
     ks = torch.randn(2, 20, 64, device=DEVICE, dtype=torch.float16)
-    torch.library.opcheck(cuda_ops._cascade_op, (q, ks, ks, k, k, lens, 10.0, 8, None))
+    torch.library.opcheck(cuda_ops._cascade_op, (q, ks, ks, k, k, lens, 10.0, 8, None, None))
 
 
 def test_interop_with_torch_and_cupy():

@@ -11,44 +11,18 @@ cacheaug_engine.triton_kernels.{segment_attention,decode} and cacheaug_engine.cu
 
 from __future__ import annotations
 
-import importlib
-from collections.abc import Callable
+from typing import cast
 
+import torch
 from torch import Tensor
 
-from .. import reference
 from ..backends import resolve_backend
-from . import torch_impl, validate
-
-_IMPL_MODULES = {
-    ("segment_attention", "torch"): "cacheaug_engine.ops.torch_impl",
-    ("segment_attention", "flex"): "cacheaug_engine.ops.flex_impl",
-    ("segment_attention", "triton"): "cacheaug_engine.triton_kernels.segment_attention",
-    ("decode_attention", "torch"): "cacheaug_engine.ops.torch_impl",
-    ("decode_attention", "triton"): "cacheaug_engine.triton_kernels.decode",
-    ("decode_attention", "cuda"): "cacheaug_engine.cuda_ops",
-    ("cascade_decode", "torch"): "cacheaug_engine.ops.torch_impl",
-    ("cascade_decode", "triton"): "cacheaug_engine.triton_kernels.decode",
-    ("cascade_decode", "cuda"): "cacheaug_engine.cuda_ops",
-    ("merge_states", "torch"): "cacheaug_engine.reference",
-    ("merge_states", "triton"): "cacheaug_engine.triton_kernels.decode",
-    ("merge_states", "cuda"): "cacheaug_engine.cuda_ops",
-}
+from . import validate
+from .plan import DecodePlan, SegmentPlan, impl, plan_decode, plan_segment_attention
 
 
-# Implementations resolved so far. The torch ones are bound at import so that a
-# torch.compile(fullgraph=True) trace through the torch backend never meets an import.
-_IMPLS: dict[tuple[str, str], Callable] = {
-    (op, "torch"): getattr(torch_impl if op != "merge_states" else reference, op)
-    for op in ("segment_attention", "decode_attention", "cascade_decode", "merge_states")
-}
-
-
-def _impl(op: str, backend: str) -> Callable:
-    fn = _IMPLS.get((op, backend))
-    if fn is None:
-        fn = _IMPLS[(op, backend)] = getattr(importlib.import_module(_IMPL_MODULES[(op, backend)]), op)
-    return fn
+def _backward(*tensors: Tensor) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
 def segment_attention(
@@ -76,12 +50,15 @@ def segment_attention(
     dtypes: float32, float16, bfloat16 (float32 accumulation); float64 on the torch backend.
     Returns o with q's shape and dtype (and lse).
     """
-    validate.check_segment_inputs(q, k, v, k_prefix, v_prefix, prefix_lens, block_len, softcap, window, scale)
-    name = resolve_backend("segment_attention", backend, q.device)
-    return _impl("segment_attention", name)(
-        q, k, v, k_prefix, v_prefix, prefix_lens, block_len=block_len, causal=causal,
-        softcap=softcap, window=window, scale=scale, return_lse=return_lse,
+    validate.check_segment_inputs(
+        q, k, v, k_prefix, v_prefix, prefix_lens, block_len, softcap, window, scale, values=False
     )
+    plan = plan_segment_attention(
+        prefix_lens, block_len=block_len, prefix_len=k_prefix.shape[2], head_dim=q.shape[3], dtype=q.dtype,
+        causal=causal, softcap=softcap, window=window, scale=scale, return_lse=return_lse,
+        backward=_backward(q, k, v, k_prefix, v_prefix), backend=backend,
+    )
+    return plan.run(q, k, v, k_prefix, v_prefix)
 
 
 def decode_attention(
@@ -101,11 +78,12 @@ def decode_attention(
 
     dtypes: float32, float16, bfloat16. Returns o [B, Hq, Dh] in q's dtype (and lse).
     """
-    validate.check_decode_inputs(q, k, v, lens, softcap, window, scale)
-    name = resolve_backend("decode_attention", backend, q.device)
-    return _impl("decode_attention", name)(
-        q, k, v, lens, softcap=softcap, window=window, scale=scale, return_lse=return_lse
+    validate.check_decode_inputs(q, k, v, lens, softcap, window, scale, values=False)
+    plan = plan_decode(
+        lens, kv_capacity=k.shape[2], num_q_heads=q.shape[1], num_kv_heads=k.shape[1], head_dim=q.shape[2],
+        dtype=q.dtype, softcap=softcap, window=window, scale=scale, return_lse=return_lse, backend=backend,
     )
+    return plan.run(q, k, v)
 
 
 def cascade_decode(
@@ -125,12 +103,15 @@ def cascade_decode(
 
     Returns o [B, Hq, Dh] in q's dtype (and lse fp32 [B, Hq]).
     """
-    validate.check_cascade_inputs(q, k_shared, v_shared, k_suffix, v_suffix, suffix_lens, softcap, window, scale)
-    name = resolve_backend("cascade_decode", backend, q.device)
-    return _impl("cascade_decode", name)(
-        q, k_shared, v_shared, k_suffix, v_suffix, suffix_lens, softcap=softcap, window=window,
-        scale=scale, return_lse=return_lse,
+    validate.check_cascade_inputs(
+        q, k_shared, v_shared, k_suffix, v_suffix, suffix_lens, softcap, window, scale, values=False
     )
+    plan = plan_decode(
+        suffix_lens, kv_capacity=k_suffix.shape[2], num_q_heads=q.shape[1], num_kv_heads=k_shared.shape[0],
+        head_dim=q.shape[2], dtype=q.dtype, softcap=softcap, window=window, scale=scale, return_lse=return_lse,
+        backend=backend, shared_len=k_shared.shape[1],
+    )
+    return plan.run_cascade(q, k_shared, v_shared, k_suffix, v_suffix)
 
 
 def merge_states(
@@ -145,8 +126,11 @@ def merge_states(
     Returns (o [..., Dh] in o_a's dtype, lse fp32 [...]) = attention over the union.
     """
     validate.check_merge_inputs(o_a, lse_a, o_b, lse_b)
-    name = resolve_backend("merge_states", backend, o_a.device)
-    return _impl("merge_states", name)(o_a, lse_a, o_b, lse_b)
+    name = resolve_backend("merge_states", backend, o_a.device, dtype=o_a.dtype, head_dim=o_a.shape[-1])
+    return cast(tuple[Tensor, Tensor], impl("merge_states", name)(o_a, lse_a, o_b, lse_b))
 
 
-__all__ = ["segment_attention", "decode_attention", "cascade_decode", "merge_states"]
+__all__ = [
+    "segment_attention", "decode_attention", "cascade_decode", "merge_states", "plan_segment_attention",
+    "plan_decode", "SegmentPlan", "DecodePlan",
+]

@@ -30,7 +30,7 @@ def _softmax_rows(scores: Tensor, visible: Tensor) -> tuple[Tensor, Tensor]:
 def segment_attention(
     q: Tensor, k: Tensor, v: Tensor, k_prefix: Tensor, v_prefix: Tensor, prefix_lens: Tensor,
     *, block_len: int, causal: bool = True, softcap: float | None = None, window: int | None = None,
-    scale: float | None = None, return_lse: bool = False,
+    scale: float | None = None, return_lse: bool = False, max_prefix_len: int | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     b, hq, ns, dh = q.shape
     hkv = k.shape[1]
@@ -38,7 +38,9 @@ def segment_attention(
     n = ns // s
     ct = compute_dtype(q.dtype)
     scale = 1.0 / math.sqrt(dh) if scale is None else scale
-    t_used = int(prefix_lens.max()) if prefix_lens.numel() and not torch.compiler.is_compiling() else k_prefix.shape[2]
+    # max(p_k) comes from the plan (ops/plan.py: read back once per pass, not per layer); without
+    # one, all T keys are scored and the invisible ones masked.
+    t_used = k_prefix.shape[2] if max_prefix_len is None else max_prefix_len
 
     qg = q.reshape(b, hkv, g, n, s, dh).to(ct)
     kl = k.reshape(b, hkv, n, s, dh).to(ct)

@@ -43,8 +43,11 @@ def check_float_group(names: list[str], tensors: list[Tensor], allow_float64: bo
             raise ValueError(f"{name}: expected device {first.device} (same as {first_name}), got {t.device}")
 
 
-def check_index(name: str, x: object, shape: tuple[int, ...], device: torch.device, low: int, high: int) -> Tensor:
-    """An integer tensor of ``shape`` on ``device`` whose values lie in [low, high]."""
+def check_index(
+    name: str, x: object, shape: tuple[int, ...], device: torch.device, low: int, high: int, values: bool = True
+) -> Tensor:
+    """An integer tensor of ``shape`` on ``device`` whose values lie in [low, high] (``values=False``:
+    dtype, shape and device only; ops/plan.py then reads the values once per plan)."""
     if not isinstance(x, Tensor):
         raise TypeError(f"{name}: expected an int32/int64 torch.Tensor of shape {shape}, got {type(x).__name__}")
     if x.dtype not in INT_DTYPES:
@@ -53,11 +56,29 @@ def check_index(name: str, x: object, shape: tuple[int, ...], device: torch.devi
         raise ValueError(f"{name}: expected shape {tuple(shape)}, got {tuple(x.shape)}")
     if x.device != device:
         raise ValueError(f"{name}: expected device {device} (same as q), got {x.device}")
-    if x.numel() and not _compiling():
-        lo, hi = int(x.min()), int(x.max())
-        if lo < low or hi > high:
-            raise ValueError(f"{name}: values must lie in [{low}, {high}], got min {lo}, max {hi}")
+    if values:
+        index_range(name, x, low, high)
     return x
+
+
+def index_range(name: str, x: Tensor, low: int, high: int, row_high: Tensor | None = None) -> int | None:
+    """Check low <= x <= high (and x[b, ...] <= row_high[b] when given) with ONE host read-back;
+    returns max(x) (0 when empty), or None under torch.compile (fake tensors carry no values)."""
+    if not x.numel():
+        return 0
+    if _compiling():
+        return None
+    stats = [x.min(), x.max()]
+    if row_high is not None:
+        over = x.reshape(x.shape[0], -1) > row_high.to(x.device).reshape(-1, 1)
+        stats.append(over.any())
+    read = torch.stack([s.to(torch.long) for s in stats]).tolist()  # the one sync
+    lo, hi = read[0], read[1]
+    if lo < low or hi > high:
+        raise ValueError(f"{name}: values must lie in [{low}, {high}], got min {lo}, max {hi}")
+    if row_high is not None and read[2]:
+        raise ValueError(f"{name}: values must lie in [0, lens[b]] per request = {row_high.tolist()}")
+    return hi
 
 
 def check_options(
@@ -73,9 +94,9 @@ def check_options(
 
 def check_segment_inputs(
     q: Tensor, k: Tensor, v: Tensor, k_prefix: Tensor, v_prefix: Tensor, prefix_lens: Tensor,
-    block_len: int, softcap: float | None, window: int | None, scale: float | None,
+    block_len: int, softcap: float | None, window: int | None, scale: float | None, values: bool = True,
 ) -> tuple[int, int, int]:
-    """Validate segment_attention inputs; returns (N, S, T)."""
+    """Validate segment_attention inputs; returns (N, S, T). ``values=False`` skips reading prefix_lens."""
     check_tensor("q", q, 4, "[B, Hq, N*S, Dh]")
     check_tensor("k", k, 4, "[B, Hkv, N*S, Dh]")
     check_tensor("v", v, 4, "[B, Hkv, N*S, Dh]")
@@ -101,14 +122,14 @@ def check_segment_inputs(
             f"{tuple(k_prefix.shape)} and {tuple(v_prefix.shape)}"
         )
     n = ns // block_len
-    check_index("prefix_lens", prefix_lens, (b, n), q.device, 0, t)
+    check_index("prefix_lens", prefix_lens, (b, n), q.device, 0, t, values)
     check_options(softcap, window, scale)
     return n, block_len, t
 
 
 def check_decode_inputs(
     q: Tensor, k: Tensor, v: Tensor, lens: Tensor, softcap: float | None, window: int | None,
-    scale: float | None,
+    scale: float | None, values: bool = True,
 ) -> None:
     check_tensor("q", q, 3, "[B, Hq, Dh]")
     check_tensor("k", k, 4, "[B, Hkv, Tmax, Dh]")
@@ -121,13 +142,13 @@ def check_decode_inputs(
         )
     if k.shape[1] == 0 or hq % k.shape[1]:
         raise ValueError(f"q: Hq = {hq} must be a multiple of Hkv = {k.shape[1]} (GQA/MQA)")
-    check_index("lens", lens, (b,), q.device, 0, k.shape[2])
+    check_index("lens", lens, (b,), q.device, 0, k.shape[2], values)
     check_options(softcap, window, scale)
 
 
 def check_cascade_inputs(
     q: Tensor, k_shared: Tensor, v_shared: Tensor, k_suffix: Tensor, v_suffix: Tensor,
-    suffix_lens: Tensor, softcap: float | None, window: int | None, scale: float | None,
+    suffix_lens: Tensor, softcap: float | None, window: int | None, scale: float | None, values: bool = True,
 ) -> None:
     check_tensor("q", q, 3, "[B, Hq, Dh]")
     check_tensor("k_shared", k_shared, 3, "[Hkv, T, Dh]")
@@ -152,10 +173,16 @@ def check_cascade_inputs(
             f"k_suffix/v_suffix: expected shape {expected} [B, Hkv, L, Dh], got "
             f"{tuple(k_suffix.shape)} and {tuple(v_suffix.shape)}"
         )
-    check_index("suffix_lens", suffix_lens, (b,), q.device, 0, k_suffix.shape[2])
-    if k_shared.shape[1] == 0 and not _compiling() and int(suffix_lens.min()) == 0:
-        raise ValueError("suffix_lens: with an empty shared prefix (T = 0) every request needs suffix_lens >= 1")
+    check_index("suffix_lens", suffix_lens, (b,), q.device, 0, k_suffix.shape[2], values)
+    if values:
+        check_cascade_lens(suffix_lens, k_shared.shape[1])
     check_options(softcap, window, scale)
+
+
+def check_cascade_lens(suffix_lens: Tensor, shared_len: int) -> None:
+    """With an empty shared prefix every request needs a suffix key (one read-back, only then)."""
+    if shared_len == 0 and suffix_lens.numel() and not _compiling() and int(suffix_lens.min()) == 0:
+        raise ValueError("suffix_lens: with an empty shared prefix (T = 0) every request needs suffix_lens >= 1")
 
 
 def check_merge_inputs(o_a: Tensor, lse_a: Tensor, o_b: Tensor, lse_b: Tensor) -> None:
