@@ -93,10 +93,14 @@ def check_positions(positions: Tensor, seq_len: int, ahead: int) -> Tensor:
         raise ValueError(f"positions must be [B, N], got shape {tuple(positions.shape)}")
     positions = positions.long()
     lo, hi = position_range(seq_len, ahead)
-    if positions.numel() and (int(positions.min()) < lo or int(positions.max()) > hi):
-        raise ValueError(f"positions must lie in [{lo}, {hi}] for seq_len {seq_len}, ahead {ahead}")
-    if positions.shape[1] > 1 and not bool((positions[:, 1:] > positions[:, :-1]).all()):
-        raise ValueError("positions must be strictly increasing within each sequence")
+    if positions.numel():
+        # one host read-back for both checks (each is a device sync on a GPU)
+        increasing = (positions[:, 1:] > positions[:, :-1]).all().long()
+        p_min, p_max, ok = torch.stack([positions.min(), positions.max(), increasing]).tolist()
+        if p_min < lo or p_max > hi:
+            raise ValueError(f"positions must lie in [{lo}, {hi}] for seq_len {seq_len}, ahead {ahead}")
+        if not ok:
+            raise ValueError("positions must be strictly increasing within each sequence")
     return positions
 
 

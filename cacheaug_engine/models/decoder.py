@@ -41,11 +41,23 @@ from .rope import apply_rope, rope_cos_sin
 AttendFn = Callable[[int, Tensor, Tensor, Tensor], Tensor]
 
 
-def _seg(
-    q: Tensor, k: Tensor, v: Tensor, kp: Tensor, vp: Tensor, lens: Tensor, block_len: int, kw: dict[str, Any]
-) -> Tensor:
-    """ops.segment_attention (output only)."""
-    return cast(Tensor, ops.segment_attention(q, k, v, kp, vp, lens, block_len=block_len, **kw))
+class LayerPlans:
+    """One attention plan per pass (ops/plan.py), shared by every layer: the index values were
+    checked and the backend chosen once; layers with another sliding window (Gemma-2) get the
+    same plan with their window (derived once per distinct window, no sync)."""
+
+    def __init__(self, cfg: DecoderConfig, plan: ops.SegmentPlan | ops.DecodePlan) -> None:
+        self.cfg = cfg
+        self.base = plan
+        self._by_window: dict[int | None, Any] = {plan.window: plan}
+
+    def layer(self, i: int) -> Any:
+        """The plan for layer i."""
+        w = self.cfg.window(i)
+        p = self._by_window.get(w)
+        if p is None:
+            p = self._by_window[w] = self.base.with_window(w)
+        return p
 
 
 class RMSNorm(nn.Module):
@@ -241,6 +253,32 @@ class Decoder(nn.Module):
             x = layer(x, cos, sin, attend)
         return self.norm(x)
 
+    def plan_blocks(
+        self, prefix_lens: Tensor, block_len: int, prefix_len: int, *, max_prefix_len: int | None = None,
+        prefix_limit: Tensor | None = None, dtype: torch.dtype | None = None,
+    ) -> LayerPlans:
+        """The segment-attention plan of one pass (every layer reuses it): blocks of ``block_len``
+        rows starting at ``prefix_lens`` [B, N] over ``prefix_len`` cache entries. Without
+        ``max_prefix_len`` the values are checked (against ``prefix_limit`` [B] too) with one read-back."""
+        c = self.cfg
+        plan = ops.plan_segment_attention(
+            prefix_lens, block_len=block_len, prefix_len=prefix_len, head_dim=c.head_dim, dtype=dtype or self.dtype,
+            softcap=c.attn_softcap, scale=c.attn_scale, backend=self.attn_backend, max_prefix_len=max_prefix_len,
+            prefix_limit=prefix_limit,
+        )
+        return LayerPlans(c, plan)
+
+    def plan_decode(self, lens: Tensor, kv_capacity: int, max_len: int, dtype: torch.dtype | None = None) -> LayerPlans:
+        """The decode plan of one step: request b attends to its first ``lens[b]`` keys, all
+        within ``max_len`` <= ``kv_capacity`` (bounds the caller knows: nothing is read back)."""
+        c = self.cfg
+        plan = ops.plan_decode(
+            lens, kv_capacity=kv_capacity, num_q_heads=c.num_heads, num_kv_heads=c.num_kv_heads,
+            head_dim=c.head_dim, dtype=dtype or self.dtype, softcap=c.attn_softcap, scale=c.attn_scale,
+            backend=self.attn_backend, max_len=max_len,
+        )
+        return LayerPlans(c, plan)
+
     def _attn_kw(self, layer: int) -> dict[str, Any]:
         c = self.cfg
         return dict(
@@ -281,12 +319,13 @@ class Decoder(nn.Module):
         ks: list[Tensor] = []
         vs: list[Tensor] = []
         zero_lens = torch.zeros(b, 1, dtype=torch.long, device=x.device)
+        plans = self.plan_blocks(zero_lens, t, 0, max_prefix_len=0, dtype=x.dtype)
+        empty = x.new_zeros(b, self.cfg.num_kv_heads, 0, self.cfg.head_dim)
 
         def attend(i: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
             ks.append(k)
             vs.append(v)
-            empty = k.new_zeros(b, k.shape[1], 0, k.shape[3])
-            return _seg(q, k, v, empty, empty, zero_lens, t, self._attn_kw(i))
+            return cast(Tensor, plans.layer(i).run(q, k, v, empty, empty))
 
         hidden = self._run(x, positions, attend)
         cache = KVCache.from_tensors(ks, vs)
@@ -326,19 +365,14 @@ class Decoder(nn.Module):
             raise ValueError(f"prefix_lens: expected shape {(b, n)} [B, N], got {tuple(prefix_lens.shape)}")
         if cache.batch_size not in (1, b):
             raise ValueError(f"cache: batch {cache.batch_size} does not match inputs_embeds batch {b} (or 1)")
-        if not torch.compiler.is_compiling() and prefix_lens.numel():
-            lens = cache.lens.view(-1, 1).to(prefix_lens.device)
-            if bool((prefix_lens > lens).any()) or int(prefix_lens.min()) < 0:
-                raise ValueError(
-                    f"prefix_lens: values must lie in [0, cache.lens[b]] = {cache.lens.tolist()}"
-                )
         x = inputs_embeds.to(self.dtype)
+        # One plan for every layer: prefix_lens is checked against [0, cache.lens[b]] with one read-back.
+        plans = self.plan_blocks(prefix_lens, block_len, cache.max_len, prefix_limit=cache.lens, dtype=x.dtype)
 
         def attend(i: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
             kp, vp = cache.layer(i)
             kp, vp = kp.to(q.dtype).expand(b, -1, -1, -1), vp.to(q.dtype).expand(b, -1, -1, -1)
-            kw = self._attn_kw(i)
-            return _seg(q, k, v, kp, vp, prefix_lens, block_len, kw)
+            return cast(Tensor, plans.layer(i).run(q, k, v, kp, vp))
 
         hidden = self._run(x, positions, attend)
         return hidden if output == "hidden" else self.logits(hidden)
@@ -360,9 +394,12 @@ class Decoder(nn.Module):
         start = cache.lens.view(b, 1)
         positions = start + torch.arange(s, device=x.device)
 
+        # lens <= max_len is the cache's own invariant: the plan reads nothing back.
+        plans = self.plan_blocks(start, s, cache.max_len, max_prefix_len=cache.max_len, dtype=x.dtype)
+
         def attend(i: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
             kp, vp = cache.layer(i)
-            o = _seg(q, k, v, kp, vp, start, s, self._attn_kw(i))
+            o = cast(Tensor, plans.layer(i).run(q, k, v, kp, vp))
             cache.write(i, k, v)
             return o
 
@@ -387,11 +424,12 @@ class Decoder(nn.Module):
         new_lens = cache.lens + 1
         length = cache.max_len + 1
 
+        plans = self.plan_decode(new_lens, length, length, dtype=x.dtype)  # one plan, no read-back
+
         def attend(i: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
             cache.write(i, k, v)
             kc, vc = cache.layer(i, length)
-            o = cast(Tensor, ops.decode_attention(q[:, :, 0], kc, vc, new_lens, **self._attn_kw(i)))
-            return o.unsqueeze(2)
+            return cast(Tensor, plans.layer(i).run(q[:, :, 0], kc, vc)).unsqueeze(2)
 
         hidden = self._run(x, positions, attend)
         cache.advance(1)
