@@ -103,6 +103,10 @@ def capability_reason(backend: str, call: Call) -> str | None:
     return None
 
 
+def _devices(devices: tuple[str, ...]) -> str:
+    return "any" if devices == _ANY_DEVICE else "/".join(devices)
+
+
 def matrix() -> list[dict[str, object]]:
     """One row per (backend, op): devices, dtypes, head dims, features, backward devices."""
     rows = []
@@ -113,9 +117,9 @@ def matrix() -> list[dict[str, object]]:
                 else f"1..{cap.max_head_dim}" if cap.max_head_dim else "any"
             )
             rows.append({
-                "backend": backend, "op": op, "devices": "/".join(cap.devices),
+                "backend": backend, "op": op, "devices": _devices(cap.devices),
                 "dtypes": ",".join(map(_dtype_name, cap.dtypes)), "head_dims": dims,
-                "features": ",".join(cap.features), "backward": "/".join(cap.backward_devices) or "no",
+                "features": ",".join(cap.features), "backward": _devices(cap.backward_devices) or "no",
             })
     return rows
 
@@ -125,6 +129,6 @@ def format_matrix() -> str:
     rows = matrix()
     cols = list(rows[0])
     width = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in cols}
-    lines = ["  ".join(c.ljust(width[c]) for c in cols)]
-    lines += ["  ".join(str(r[c]).ljust(width[c]) for c in cols) for r in rows]
+    lines = ["  ".join(c.ljust(width[c]) for c in cols).rstrip()]
+    lines += ["  ".join(str(r[c]).ljust(width[c]) for c in cols).rstrip() for r in rows]
     return "\n".join(lines)

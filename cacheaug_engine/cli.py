@@ -81,6 +81,10 @@ def cmd_info(args: argparse.Namespace) -> int:
     print("backends:")
     for name, info in cacheaug_engine.backends().items():
         print(f"  {name}: {info}")
+    from .capabilities import format_matrix
+
+    print("capabilities (what each backend's kernels run; availability above):")
+    print("  " + format_matrix().replace("\n", "\n  "))
     try:
         from .models import default_model_path
 

@@ -149,6 +149,7 @@ def test_entry_point_subprocess(tmp_path):
         [sys.executable, "-m", "cacheaug_engine.cli", "info"], capture_output=True, text=True, timeout=120
     )
     assert r.returncode == 0 and "backends" in r.stdout
+    assert "capabilities" in r.stdout and "cascade_decode" in r.stdout and "64,128,256" in r.stdout
 
 
 class _nullcontext:
