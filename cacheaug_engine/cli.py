@@ -1,4 +1,4 @@
-"""The ``cacheaug`` command line: demo, train, eval, generate, info, bench.
+"""The ``cacheaug`` command line: demo, train, eval, generate, export, info, bench.
 
 Every subcommand takes ``--help``; train/demo accept ``--config FILE.json`` (keys of
 :class:`cacheaug_engine.train_config.TrainConfig`), with flags given on the command line winning.
@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, NoReturn
 
 from .cli_args import UsageError, add_train_flags, train_config_from_args
@@ -27,10 +28,19 @@ class _Parser(argparse.ArgumentParser):
 # -- subcommands -----------------------------------------------------------------------------------
 def cmd_train(args: argparse.Namespace) -> int:
     """cacheaug train."""
+    from .distributed import describe_failure, env_rank, is_collective_failure
     from .train import train
 
     cfg = train_config_from_args(args)
-    res = train(cfg, resume=args.resume, progress=not args.no_progress)
+    try:
+        res = train(cfg, resume=args.resume, progress=not args.no_progress)
+    except RuntimeError as e:  # a dead / hung peer: one clear line, exit 1 (no hang, no traceback wall)
+        if not (cfg.distributed and is_collective_failure(e)):
+            raise
+        sys.stderr.write(f"cacheaug: error: {describe_failure(e, cfg.dist_timeout)}\n")
+        return 1
+    if env_rank() != 0:  # only rank 0 reports
+        return 0
     last = res.history[-1] if res.history else {}
     print(
         f"done: {len(res.history)} steps, last loss {last.get('loss', float('nan')):.4f} "
@@ -58,6 +68,24 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
     return run_demo(args)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """cacheaug export CKPT DST."""
+    import torch
+
+    from .checkpoint import export_coprocessor
+    from .dist_checkpoint import MARKER, export_dist_checkpoint
+
+    src = Path(args.src)
+    if not src.exists():
+        raise UsageError(f"CKPT: no such checkpoint directory: {src}")
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    sharded = (src / MARKER).exists() or (src / ".metadata").exists()
+    export = export_dist_checkpoint if sharded else export_coprocessor
+    out = export(src, args.dst, dtype=dtype)
+    print(f"exported {src} -> {out}")
+    return 0
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -174,6 +202,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--latents", metavar="FILE", help="reuse latents saved with --save-latents")
     g.add_argument("--device", default="auto")
     g.set_defaults(func=cmd_generate)
+
+    x = sub.add_parser(
+        "export",
+        help="checkpoint -> slim coprocessor directory",
+        description="Write a training checkpoint (OUT/checkpoint, or a sharded OUT/checkpoint-dist from "
+        "--distributed) as the coprocessor directory that eval, generate and demo read (no optimizer).",
+    )
+    x.add_argument("src", metavar="CKPT", help="checkpoint directory (plain or distributed)")
+    x.add_argument("dst", metavar="DST", help="directory to write")
+    x.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32", help="tensor dtype written")
+    x.set_defaults(func=cmd_export)
 
     i = sub.add_parser("info", help="versions and kernel backends", description="Print versions and backends.")
     i.set_defaults(func=cmd_info)

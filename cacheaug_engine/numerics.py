@@ -21,9 +21,15 @@ class NonFiniteLossError(FloatingPointError):
 def grad_norm(params: Sequence[torch.Tensor], clip: float) -> float:
     """Total L2 norm of the gradients; clipped to ``clip`` in place when ``clip > 0``."""
     if clip > 0:
-        return float(torch.nn.utils.clip_grad_norm_(params, clip))
+        return _scalar(torch.nn.utils.clip_grad_norm_(params, clip))
     grads = [p.grad for p in params if p.grad is not None]
-    return float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+    return _scalar(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+
+
+def _scalar(total: torch.Tensor) -> float:
+    # under FSDP2 the gradients are DTensor shards and the norm a DTensor: the full value is global
+    full = getattr(total, "full_tensor", None)
+    return float(full() if full is not None else total)
 
 
 def check_step_finite(step: int, loss: float, gnorm: float, last_saved: tuple[int, Path] | None) -> None:

@@ -33,6 +33,7 @@ RESUME_MAY_CHANGE = frozenset(
     {
         "steps", "stop_after", "eval_every", "eval_seqs", "save_every", "out", "device", "threads",
         "grad_checkpoint", "init_from", "lr", "min_lr_ratio", "warmup", "weight_decay", "clip", "soft_lr_mult",
+        "distributed", "dist_timeout",  # ddp <-> fsdp share the checkpoint format; batch_size: see train()
     }
 )
 

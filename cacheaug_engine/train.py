@@ -8,6 +8,7 @@ state, step (the schedule is a function of it), the data loader's position, the 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
 import time
@@ -30,6 +31,14 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .data import Corpus, SequenceLoader, load_corpus
+from .dist_checkpoint import (
+    MARKER,
+    export_dist_checkpoint,
+    load_dist_checkpoint,
+    read_train_state,
+    save_dist_checkpoint,
+)
+from .distributed import grad_sync, init_distributed, memory_report, shutdown, wrap
 from .evaluate import evaluate_objective, format_table, report_table
 from .numerics import check_step_finite, grad_norm
 from .preflight import check_resume, check_run_inputs
@@ -56,6 +65,10 @@ class TrainResult:
     evals: list[dict[str, Any]]
     checkpoint: Path | None
     seconds: float
+
+
+def _silent(_msg: str) -> None:
+    """The log of ranks other than 0."""
 
 
 def build_coprocessor(decoder, cfg: TrainConfig, log: Callable[[str], None] = print) -> tuple[Coprocessor, Any]:
@@ -104,19 +117,30 @@ def train(
     cfg.validate()
     t_start = time.perf_counter()
     out = check_run_inputs(cfg)  # before any loading: a bad --data or unwritable --out fails now, not later
-    ckpt_path = out / "checkpoint"
+    # under torchrun: every rank draws the global batch, keeps its rows; rank 0 alone logs and reports
+    ctx = init_distributed(cfg.distributed, cfg.device, cfg.dist_timeout) if cfg.distributed else None
+    world = ctx.world_size if ctx else 1
+    if ctx is not None and not ctx.is_main:
+        progress, log = False, _silent
+    ckpt_path = out / ("checkpoint-dist" if ctx else "checkpoint")
     resumed = None
     if resume:
         try:
-            resumed = load_checkpoint(ckpt_path)
+            resumed = read_train_state(ckpt_path) if ctx else load_checkpoint(ckpt_path)
         except CheckpointError as e:
             raise CheckpointError(f"--resume: {e}") from None
         if cfg.init_from:  # the coprocessor's settings come from the checkpoint, not from flags
             cfg = with_coprocessor_settings(cfg, resumed.coprocessor_config)
-        check_resume(resumed.train_config(), cfg, resumed.path)
+        saved = dict(resumed.train_config())
+        if ctx is not None:  # any world size resumes, if the global batch stays the same
+            if cfg.batch_size * world != resumed.state["global_batch"]:
+                raise ValueError(f"--resume: global batch {cfg.batch_size * world} != checkpoint's "
+                                 f"{resumed.state['global_batch']} (--batch-size is per rank)")  # fmt: skip
+            saved["batch_size"] = cfg.batch_size
+        check_resume(saved, cfg, resumed.path)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    dev = pick_device(cfg.device)
+    dev = ctx.device if ctx else pick_device(cfg.device)
     if decoder is None:
         decoder = load_model(cfg.model, dev)
     if tokenizer is None and corpus is None:
@@ -132,7 +156,9 @@ def train(
         )
         log(f"data: {corpus.describe()}")
     torch.manual_seed(cfg.seed)
-    if resumed is not None:
+    if resumed is not None and ctx is not None:  # tensors are loaded in place after wrapping
+        cop = Coprocessor(decoder, config=CoprocessorConfig.from_dict(resumed.coprocessor_config), seed=cfg.seed)
+    elif resumed is not None:
         cop = coprocessor_from_checkpoint(decoder, resumed, seed=cfg.seed)
     else:
         cop, init = build_coprocessor(decoder, cfg, log)
@@ -148,19 +174,24 @@ def train(
         min_prefix=cfg.min_prefix,
     )
     objective.generator.manual_seed(cfg.seed + 1)
+    model = wrap(objective, ctx) if ctx else objective
     opt = make_optimizer(cop, cfg)
-    loader = SequenceLoader(corpus.train, cfg.batch_size, seed=cfg.seed)
+    loader = SequenceLoader(corpus.train, cfg.batch_size * world, seed=cfg.seed)
     history: list[dict[str, Any]] = []
     evals: list[dict[str, Any]] = []
     step = 0
     last_saved: tuple[int, Path] | None = None
+    gens = {"positions": objective.generator}
     if resumed is not None:
-        opt.load_state_dict(optimizer_from_flat(resumed.optimizer_tensors, resumed.state["optimizer"]))
+        if ctx is not None:
+            load_dist_checkpoint(ckpt_path, objective=objective, model=model, opt=opt, generators=gens)
+        else:
+            opt.load_state_dict(optimizer_from_flat(resumed.optimizer_tensors, resumed.state["optimizer"]))
+            restore_rng(resumed, gens)
         loader.load_state_dict(resumed.state["loader"])
         history = list(resumed.state.get("history", []))
         evals = list(resumed.state.get("evals", []))
         step = int(resumed.state["step"])
-        restore_rng(resumed, {"positions": objective.generator})
         last_saved = (step, resumed.path)
         log(f"resumed from {resumed.path} at step {step}")
     amp = autocast_dtype(dev)
@@ -171,21 +202,28 @@ def train(
         f"coprocessor: {n_train / 1e6:.2f}M trainable parameters ({kind}), N_L={cop.num_latents}, "
         f"N_A={cfg.ahead}, {cfg.positions} positions/sequence, placement={cop.placement}"
     )
+    if ctx is not None:
+        log(memory_report(objective, ctx))
 
     def save(at_step: int) -> Path:
-        tensors, meta = optimizer_to_flat(opt.state_dict())
-        tensors.update(rng_tensors({"positions": objective.generator}))
         state = {
             "coprocessor": cop.config.to_dict(),
             "train_config": asdict(cfg),
             "step": at_step,
             "loader": loader.state_dict(),
-            "optimizer": meta,
             "history": history,
             "evals": evals,
             "decoder": cfg.model,
             "lr": lr_at(max(at_step - 1, 0), cfg),
         }
+        if ctx is not None:
+            state.update(world_size=world, global_batch=cfg.batch_size * world)
+            return save_dist_checkpoint(
+                ckpt_path, objective=objective, model=model, opt=opt, generators=gens, state=state
+            )
+        tensors, meta = optimizer_to_flat(opt.state_dict())
+        tensors.update(rng_tensors(gens))
+        state["optimizer"] = meta
         return save_checkpoint(ckpt_path, coprocessor=cop.trainable_state(), state=state, optimizer_tensors=tensors)
 
     def run_eval(at_step: int) -> None:
@@ -212,15 +250,22 @@ def train(
         for g in opt.param_groups:
             g["lr"] = lr * g.get("lr_mult", 1.0)
         loss_sum, base_sum, pos1_a, pos1_b = 0.0, 0.0, 0.0, 0.0
-        for _ in range(cfg.grad_accum):
-            ids = loader.next_batch().to(dev)
-            with autocast(dev, amp):
-                res = objective(ids)
-            (res.loss / cfg.grad_accum).backward()
+        for micro in range(cfg.grad_accum):
+            ids, positions = loader.next_batch(), None
+            if ctx is not None:  # points drawn for the global batch, then this rank's rows of both
+                positions = ctx.shard(objective.sample(ids.shape[0], ids.shape[1]))
+                ids = ctx.shard(ids)
+            ids = ids.to(dev)
+            with grad_sync(model, ctx, micro == cfg.grad_accum - 1) if ctx else contextlib.nullcontext():
+                with autocast(dev, amp):
+                    res = model(ids, positions)
+                (res.loss / cfg.grad_accum).backward()
             loss_sum += res.loss.item() / cfg.grad_accum
             base_sum += res.ce_base.mean().item() / cfg.grad_accum
             pos1_a += res.ce_aug[..., 0].mean().item() / cfg.grad_accum
             pos1_b += res.ce_base[..., 0].mean().item() / cfg.grad_accum
+        if ctx is not None:  # equal targets per rank: the global mean is the mean of the ranks' means
+            loss_sum, base_sum, pos1_a, pos1_b = (v / world for v in ctx.all_sum([loss_sum, base_sum, pos1_a, pos1_b]))
         gnorm = grad_norm(params, cfg.clip)
         try:
             check_step_finite(step + 1, loss_sum, gnorm, last_saved)
@@ -258,8 +303,13 @@ def train(
             last_saved = (step, ckpt)
     if bar is not None:
         bar.close()
-    if ckpt is None and step > 0 and not (ckpt_path / "state.json").exists():
+    if ckpt is None and step > 0 and not (ckpt_path / (MARKER if ctx else "state.json")).exists():
         ckpt = save(step)
+    if ctx is not None:  # the single-directory format eval / generate / demo read
+        if ctx.is_main and ckpt is not None:
+            log(f"exported {export_dist_checkpoint(ckpt_path, out / 'coprocessor')} (from {ckpt_path})")
+        ctx.barrier()
+        shutdown(ctx)
     return TrainResult(
         cop,
         objective,

@@ -75,6 +75,10 @@ class TrainConfig:
     grad_checkpoint: bool = setting(False, "recompute activations in backward")
     threads: int | None = setting(None, "torch CPU threads")
     stop_after: int | None = setting(None, "stop this run after N steps (the schedule still spans --steps)")
+    distributed: str | None = setting(
+        None, "under torchrun: DDP or FSDP2 (--batch-size is per rank)", choices=("ddp", "fsdp")
+    )
+    dist_timeout: float = setting(300.0, "seconds a collective waits for the other ranks before failing")
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad value (types, finiteness, ranges: see preflight)."""
@@ -94,6 +98,10 @@ class TrainConfig:
             raise ValueError(f"min_prefix must be >= 1, got {self.min_prefix}")
         if self.positions + self.ahead + self.min_prefix >= self.seq_len + 2:
             raise ValueError(f"seq_len {self.seq_len} too short for {self.positions} positions with ahead={self.ahead}")
+        if self.distributed not in (None, "ddp", "fsdp"):
+            raise ValueError(f"distributed must be ddp or fsdp, got {self.distributed!r}")
+        if not self.dist_timeout > 0:
+            raise ValueError(f"dist_timeout must be > 0 seconds, got {self.dist_timeout}")
         CoprocessorConfig(**self.coprocessor_kwargs())
 
     def coprocessor_kwargs(self) -> dict[str, Any]:
