@@ -36,6 +36,7 @@ RESUME_MAY_CHANGE = frozenset(
         "distributed", "dist_timeout",  # ddp <-> fsdp share the checkpoint format; batch_size: see train()
     }
 )
+MAX_LR = 1e6
 
 
 def flag(name: str) -> str:
@@ -142,6 +143,11 @@ def check_train_config(cfg: Any) -> None:
         _at_least(cfg, name, 1, optional=True)
     for name in ("lr", "soft_lr_mult"):
         _positive(cfg, name)
+    if cfg.lr * cfg.soft_lr_mult > MAX_LR or cfg.lr > MAX_LR:  # AdamW's fp32 step size overflows near 1e38
+        raise ValueError(
+            f"{flag('lr')}: expected lr and lr * soft_lr_mult <= {MAX_LR:g}, got lr={cfg.lr!r}, "
+            f"soft_lr_mult={cfg.soft_lr_mult!r}"
+        )
     for name in ("lora_alpha", "scale_init"):
         _positive(cfg, name, optional=True)
     for name in ("weight_decay", "clip"):
