@@ -67,7 +67,13 @@ def trainable_tensors(objective: nn.Module) -> dict[str, torch.Tensor]:
 
 def _dcp_state(objective: nn.Module, model: nn.Module, opt: torch.optim.Optimizer, gens: dict[str, Any]) -> dict:
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+    from torch.distributed.fsdp import FSDPModule
 
+    # a forward without backward (held-out eval) leaves the FSDP root's parameters unsharded: the
+    # module would then not hold the sharded tensors the optimizer steps
+    for m in objective.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
     rng = {"torch": torch.get_rng_state(), **{k: g.get_state() for k, g in gens.items()}}
     return {"model": trainable_tensors(objective), "optim": get_optimizer_state_dict(model, opt), "rng": rng}
 

@@ -85,11 +85,13 @@ def _max_diff(a: list[dict], b: list[dict]) -> float:
 
 def test_fsdp_two_ranks_then_resume_on_one(setup, reference):
     """fsdp on 2 ranks (batch 2 each, activation checkpointing on) for 2 steps, resumed on 1 rank
-    (batch 4) for steps 3-4: the whole history equals one plain process on the same global batch."""
+    (batch 4) for steps 3-4: the whole history equals one plain process on the same global batch.
+    A held-out eval right before the save (a forward without backward) must not disturb it."""
     d, common, env = setup
     out = d / "fsdp"
-    r = _torchrun(2, [*common, "--batch-size", "2", "--distributed", "fsdp", "--grad-checkpoint",
-                      "--stop-after", "2", "--out", str(out)], env)  # fmt: skip
+    args = ["--batch-size", "2", "--distributed", "fsdp", "--grad-checkpoint", "--eval-every", "2", "--eval-seqs", "2"]
+    r = _torchrun(2, [*common, *args, "--stop-after", "2", "--out", str(out)], env)
+    assert r.stdout.count("held-out eval at step 2") == 1
     assert r.stdout.count("done: 2 steps") == 1  # rank 0 alone reports
     assert "memory per rank (fsdp, 2 ranks, gloo)" in r.stdout
     st = json.loads((out / "checkpoint-dist" / "train_state.json").read_text())
