@@ -198,6 +198,12 @@ def save_checkpoint(
         parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise CheckpointError(f"{parent}: cannot create the checkpoint directory ({e.strerror or e})") from None
+    if path.is_file() or (path.is_dir() and not (path / STATE_FILE).is_file() and any(path.iterdir())):
+        # never rename-and-delete something that is not ours (e.g. `cacheaug export CKPT ~/`)
+        raise CheckpointError(
+            f"{path}: exists and is not a checkpoint directory; refusing to replace it "
+            "(expected a new path or an existing checkpoint)"
+        )
     remove_stale_temps(path)
     tmp = parent / f".{path.name}.tmp-{os.getpid()}"
     old = parent / f".{path.name}.old"
@@ -215,7 +221,7 @@ def save_checkpoint(
         if (path / STATE_FILE).is_file():
             shutil.rmtree(old)  # a complete current checkpoint exists: the .old copy is redundant
         elif path.exists():
-            shutil.rmtree(path)  # an incomplete current dir: .old is the last good one, keep it
+            path.rmdir()  # an empty dir (checked above): .old is the last good checkpoint, keep it
     if path.exists():
         os.replace(path, old)
     os.replace(tmp, path)
@@ -315,6 +321,8 @@ def export_coprocessor(
     and state.json without the optimizer; ``note`` (e.g. the command that trained it) goes to
     ``dst/COMMAND.md``. This is the format of the coprocessor shipped in cacheaug_engine/assets."""
     ck = load_checkpoint(src, with_optimizer=False)
+    if Path(dst).resolve() == ck.path.resolve() or Path(dst).resolve() == Path(src).resolve():
+        raise CheckpointError(f"{dst}: is the source checkpoint; export writes a new directory (expected another DST)")
     tensors = {
         k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v) for k, v in ck.coprocessor.items()
     }

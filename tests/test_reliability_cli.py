@@ -319,3 +319,24 @@ def test_bench_bad_inputs(env, tmp_path, capsys, extra, needles):
 def test_unknown_commands_and_flags(argv, capsys):
     code, err = run_cli(argv, capsys)
     assert_one_error(code, err, argv[-1])
+
+
+EXPORT_CASES = [
+    (["{tmp}/missing", "{tmp}/dst"], ["{tmp}/missing", "no such checkpoint"]),
+    (["{d}/afile", "{tmp}/dst"], ["{d}/afile", "expected a checkpoint directory"]),
+    (["{ck}", "{ck}"], ["is the source checkpoint"]),
+    (["{ck}", "{d}"], ["{d}: exists and is not a checkpoint directory", "refusing to replace it"]),
+    (["{ck}", "{d}/afile"], ["{d}/afile: exists and is not a checkpoint directory"]),
+    (["{ck}", "{d}/afile/sub"], ["{d}/afile", "cannot create the checkpoint directory"]),
+    (["{ck}", "{tmp}/dst", "--dtype", "int8"], ["--dtype", "invalid choice"]),
+]
+
+
+@pytest.mark.parametrize("argv,needles", EXPORT_CASES, ids=[" ".join(c[0])[-40:] for c in EXPORT_CASES])
+def test_export_bad_inputs(env, tmp_path, capsys, argv, needles):
+    d, _, ck = env
+    before = sorted(p.name for p in d.iterdir())
+    code, err = run_cli(["export", *_fill(argv, d, ck, tmp_path)], capsys)
+    assert_one_error(code, err, *[n.format(d=d, ck=ck, tmp=tmp_path) for n in needles])
+    assert sorted(p.name for p in d.iterdir()) == before  # nothing of the user's was moved or removed
+    assert load_checkpoint(ck).optimizer_tensors  # the training checkpoint is intact
