@@ -86,6 +86,8 @@ def run_demo(args: Any) -> int:
         tc = ck.state.get("train_config", {})
         base.update({k: tc[k] for k in ("ahead", "seq_len", "positions", "min_prefix") if k in tc})
     cfg = train_config_from_args(args, base)
+    if cfg.distributed:  # the demo evaluates and generates in one process
+        raise UsageError("--distributed: the demo runs in one process; use `torchrun ... train --distributed`")
     # every demo value is checked here, before the model is loaded and minutes are spent training
     out = check_run_inputs(cfg)
     lo, hi = eval_ahead_range(cfg.seq_len)
