@@ -1,4 +1,4 @@
-"""What each backend can run: op, device type, dtype, head dim and features (DESIGN.md section 4).
+"""What each backend can run: op, device type, dtype, head dim and features.
 
 A call is described by a :class:`Call`; :func:`capability_reason` says why a backend
 cannot run it (None when it can). ``backends.resolve_backend`` uses this to skip
@@ -54,7 +54,7 @@ _TORCH = Capability(_ANY_DEVICE, _HALF_AND_FP32 + (torch.float64,), backward_dev
 CAPABILITIES: dict[str, dict[str, Capability]] = {
     "torch": {op: _TORCH for op in ("segment_attention", "decode_attention", "cascade_decode", "merge_states")},
     "flex": {
-        # FlexAttention has no CPU backward (DESIGN.md section 7).
+        # FlexAttention has no CPU backward (torch raises NotImplementedError there).
         "segment_attention": Capability(("cpu", "cuda"), _HALF_AND_FP32, backward_devices=("cuda",)),
     },
     "triton": {

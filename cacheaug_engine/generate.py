@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from .augment.coprocessor import Coprocessor
+from .decoding import Generation, decode_tokens, generate_batch
 from .models import DecoderLike, KVCache
 
 
@@ -147,31 +149,10 @@ def load_latents(path: str | os.PathLike, device: str | torch.device = "cpu") ->
     return AugmentHandle(lat.unsqueeze(0).to(device), None, ids, meta.get("placement", "paper"))
 
 
-def _pick(logits: Tensor, temperature: float, top_k: int, gen: torch.Generator | None) -> Tensor:
-    """Next token per row of logits [n, V]: argmax at temperature 0, else top-k sampling."""
-    if temperature <= 0:
-        return logits.argmax(-1)
-    logits = logits.float() / temperature
-    if top_k > 0:
-        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = torch.softmax(logits, -1)
-    return torch.multinomial(probs.cpu(), 1, generator=gen).view(-1).to(logits.device)
-
-
-@dataclass
-class Generation:
-    """Output of :func:`generate`: new token ids per sample (prompt excluded)."""
-
-    tokens: list[list[int]]
-    augmented: bool
-    prompt_len: int
-
-
 @torch.no_grad()
 def generate(
     decoder: DecoderLike,
-    prompt_ids: Tensor,
+    prompt_ids: Tensor | Sequence[Tensor | Sequence[int]],
     *,
     coprocessor: Coprocessor | None = None,
     latents: AugmentHandle | None = None,
@@ -181,20 +162,32 @@ def generate(
     seed: int = 0,
     num_samples: int = 1,
     eos_id: int | None = None,
+    augmented: bool | Sequence[bool] = True,
+    step: str = "auto",
 ) -> Generation:
-    """Continue ``prompt_ids`` [1, P]; augmented when a coprocessor or precomputed latents are given.
+    """Continue prompts; augmented when a coprocessor or precomputed latents are given.
 
-    ``latents`` (from :func:`augment` or :func:`load_latents`) must belong to this prompt.
-    ``num_samples > 1`` decodes that many continuations over the shared prompt cache.
+    ``prompt_ids``: [1, P], or a batch - [B, P] or a list of prompts of different lengths -
+    decoded together (decoding.generate_batch; ``augmented`` picks the rows that get latents,
+    ``step`` the decode-step mode, "graph" = CUDA graphs on CUDA). ``latents`` (from
+    :func:`augment` or :func:`load_latents`) must belong to the one prompt given.
+    ``num_samples > 1`` decodes that many continuations of one prompt over its shared cache.
+    Sampling runs on the device; the only per-token host read is the eos stop check.
     """
-    if prompt_ids.dim() != 2 or prompt_ids.shape[0] != 1 or prompt_ids.shape[1] < 1:
-        raise ValueError(f"prompt_ids must be [1, P] with P >= 1, got {tuple(prompt_ids.shape)}")
     if max_new_tokens < 1 or num_samples < 1:
         raise ValueError("max_new_tokens and num_samples must be >= 1")
+    one = isinstance(prompt_ids, Tensor) and prompt_ids.dim() == 2 and prompt_ids.shape[0] == 1
+    if latents is None and num_samples == 1:
+        return generate_batch(
+            decoder, prompt_ids, coprocessor=coprocessor, augmented=augmented, max_new_tokens=max_new_tokens,
+            temperature=temperature, top_k=top_k, seed=seed, eos_id=eos_id, step=step,
+        )
+    if not one or not isinstance(prompt_ids, Tensor) or prompt_ids.shape[1] < 1:
+        shape = tuple(prompt_ids.shape) if isinstance(prompt_ids, Tensor) else f"a list of {len(prompt_ids)}"
+        raise ValueError(f"prompt_ids must be [1, P] with P >= 1 with latents= or num_samples > 1, got {shape}")
     dev = decoder.device
     prompt_ids = prompt_ids.to(dev)
     p = prompt_ids.shape[1]
-    gen = torch.Generator().manual_seed(seed)
     handle = latents
     if handle is None and coprocessor is not None:
         handle = augment(decoder, coprocessor, prompt_ids, capacity=p + coprocessor.num_latents + max_new_tokens + 1)
@@ -211,29 +204,16 @@ def generate(
     else:
         logits, cache = decoder.prefill(prompt_ids, capacity=p + max_new_tokens + 1)[:2]
         logits = logits[:, -1]
-    out: list[list[int]] = [[] for _ in range(num_samples)]
-    done = torch.zeros(num_samples, dtype=torch.bool)
+    kw = dict(temperature=temperature, top_k=top_k, seed=seed, eos_id=eos_id)
     if num_samples == 1:
-        for _ in range(max_new_tokens):
-            nxt = _pick(logits, temperature, top_k, gen)
-            out[0].append(int(nxt[0]))
-            if eos_id is not None and int(nxt[0]) == eos_id:
-                break
-            logits = decoder.decode_step(nxt, cache)
-        return Generation(out, handle is not None, p)
+        tokens = decode_tokens(lambda ids: decoder.decode_step(ids, cache), logits, max_new_tokens, **kw)
+        return Generation(tokens, handle is not None, p, [handle is not None], [p])
     t = cache.max_len
     shared_k = [k[0, :, :t] for k in cache.k]  # views: the prompt (+latents) cache is never copied
     shared_v = [v[0, :, :t] for v in cache.v]
     suffix = _empty_cache(decoder, num_samples, max_new_tokens)
-    logits = logits.expand(num_samples, -1)
-    for _ in range(max_new_tokens):
-        nxt = _pick(logits, temperature, top_k, gen)
-        for i in range(num_samples):
-            if not done[i]:
-                out[i].append(int(nxt[i]))
-                if eos_id is not None and int(nxt[i]) == eos_id:
-                    done[i] = True
-        if bool(done.all()):
-            break
-        logits = decoder.decode_step_shared(nxt, shared_k, shared_v, suffix)
-    return Generation(out, handle is not None, p)
+    tokens = decode_tokens(
+        lambda ids: decoder.decode_step_shared(ids, shared_k, shared_v, suffix), logits.expand(num_samples, -1),
+        max_new_tokens, **kw,
+    )
+    return Generation(tokens, handle is not None, p, [handle is not None] * num_samples, [p] * num_samples)

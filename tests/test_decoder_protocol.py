@@ -27,6 +27,8 @@ PROTOCOL_METHODS = [
     "extend",
     "decode_step",
     "decode_step_shared",
+    "decode_step_static",
+    "plan_decode",
 ]
 
 

@@ -91,3 +91,41 @@ def test_handle_reused_twice_gives_same_output():
     a = generate(dec, prompt, latents=h, max_new_tokens=4)
     b = generate(dec, prompt, latents=h, max_new_tokens=4)
     assert a.tokens == b.tokens
+
+
+@pytest.mark.parametrize("arch,placement", [("llama", "paper"), ("llama", "early"), ("gemma2", "early")])
+def test_batched_generation_equals_one_prompt_generation_row_by_row(arch, placement):
+    """Prompts of different lengths, augmented and plain rows mixed, decoded in one batch: every
+    row equals generating that prompt alone (greedy), for the dynamic and the static step."""
+    dec = tiny_decoder(arch)
+    cop = _cop(dec, placement)
+    gen = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(3, 256, (n,), generator=gen) for n in (7, 1, 12, 4)]
+    flags = [True, True, False, False] if placement == "early" else [True, False, True, False]
+    single = [
+        generate(dec, p.view(1, -1), coprocessor=cop if f else None, max_new_tokens=6).tokens[0]
+        for p, f in zip(prompts, flags, strict=True)
+    ]
+    for step in ("dynamic", "static"):
+        batch = generate(dec, prompts, coprocessor=cop, augmented=flags, max_new_tokens=6, step=step)
+        assert batch.tokens == single, step
+        assert batch.rows_augmented == flags and batch.prompt_lens == [7, 1, 12, 4]
+
+
+def test_batched_generation_stops_rows_at_eos_and_samples_reproducibly():
+    dec = tiny_decoder("llama")
+    prompts = [[5, 6, 7], [9], [10, 11, 12, 13, 14]]
+    free = generate(dec, prompts, max_new_tokens=8).tokens
+    eos = free[1][2]  # a token row 1 produces third: row 1 stops there
+    cut = generate(dec, prompts, max_new_tokens=8, eos_id=eos).tokens
+    for full, short in zip(free, cut, strict=True):
+        assert short == (full[: full.index(eos) + 1] if eos in full else full)
+    a = generate(dec, prompts, max_new_tokens=8, temperature=1.0, top_k=20, seed=4).tokens
+    assert a == generate(dec, prompts, max_new_tokens=8, temperature=1.0, top_k=20, seed=4).tokens
+    assert all(len(t) == 8 for t in a)
+
+
+def test_graph_step_needs_cuda():
+    dec = tiny_decoder("llama")
+    with pytest.raises(ValueError, match="step='graph'.*needs a CUDA device"):
+        generate(dec, [[5, 6], [7]], max_new_tokens=2, step="graph")

@@ -56,7 +56,7 @@ def test_decode_syncs_per_token_do_not_depend_on_layers():
         per = []
         for n in (2, 8):
             with SyncCounter() as sc:
-                generate(dec, prompt, max_new_tokens=n)
+                generate(dec, prompt, max_new_tokens=n, eos_id=2)
             per.append(sc.count)
         counts[layers] = (per[1] - per[0]) / 6
     assert counts[2] == counts[8], counts

@@ -51,6 +51,10 @@ class LayerPlans:
         self.base = plan
         self._by_window: dict[int | None, Any] = {plan.window: plan}
 
+    def with_lens(self, lens: Tensor) -> LayerPlans:
+        """A decode plan's next step (same backend and workspace; ``lens`` vouched for by the caller)."""
+        return LayerPlans(self.cfg, self.base.with_lens(lens))
+
     def layer(self, i: int) -> Any:
         """The plan for layer i."""
         w = self.cfg.window(i)
@@ -268,22 +272,20 @@ class Decoder(nn.Module):
         )
         return LayerPlans(c, plan)
 
-    def plan_decode(self, lens: Tensor, kv_capacity: int, max_len: int, dtype: torch.dtype | None = None) -> LayerPlans:
+    def plan_decode(
+        self, lens: Tensor, kv_capacity: int, max_len: int, dtype: torch.dtype | None = None,
+        shared_len: int | None = None,
+    ) -> LayerPlans:
         """The decode plan of one step: request b attends to its first ``lens[b]`` keys, all
-        within ``max_len`` <= ``kv_capacity`` (bounds the caller knows: nothing is read back)."""
+        within ``max_len`` <= ``kv_capacity`` (bounds the caller knows: nothing is read back);
+        with ``shared_len`` T, a cascade plan (shared prefix of T keys + per-request suffixes)."""
         c = self.cfg
         plan = ops.plan_decode(
             lens, kv_capacity=kv_capacity, num_q_heads=c.num_heads, num_kv_heads=c.num_kv_heads,
             head_dim=c.head_dim, dtype=dtype or self.dtype, softcap=c.attn_softcap, scale=c.attn_scale,
-            backend=self.attn_backend, max_len=max_len,
+            backend=self.attn_backend, max_len=max_len, shared_len=shared_len,
         )
         return LayerPlans(c, plan)
-
-    def _attn_kw(self, layer: int) -> dict[str, Any]:
-        c = self.cfg
-        return dict(
-            softcap=c.attn_softcap, window=c.window(layer), scale=c.attn_scale, backend=self.attn_backend
-        )
 
     # -- public passes -------------------------------------------------------------------------
     def forward(self, input_ids: Tensor) -> Tensor:
@@ -435,6 +437,37 @@ class Decoder(nn.Module):
         cache.advance(1)
         return self.logits(hidden[:, 0])
 
+    def decode_step_static(
+        self, input_ids: Tensor, k: list[Tensor], v: list[Tensor], lens: Tensor, plan: LayerPlans | None = None
+    ) -> Tensor:
+        """One token per request over a static cache: shapes never change from step to step, so the
+        step can be captured in a CUDA graph (torch.compile mode="reduce-overhead", see generate.py).
+
+        Args:
+            input_ids: [B] tokens at positions lens[b].
+            k, v: per layer [B, Hkv, C, Dh] cache storage; the new K/V are written in place at
+                lens[b] (the caller guarantees lens[b] < C).
+            lens: long [B] valid entries per request; NOT advanced here (the caller adds 1).
+            plan: a decode plan from ``plan_decode(lens, C, C)`` made once outside the step (its
+                backend and workspace are reused; its lens are replaced by lens + 1).
+
+        Attends over the whole capacity C with per-request lengths (no data-dependent shapes, no
+        host reads). Returns float32 logits [B, V].
+        """
+        x = self.embed(input_ids.view(-1, 1))
+        cap = k[0].shape[2]
+        new_lens = lens + 1
+        plans = self.plan_decode(new_lens, cap, cap, dtype=x.dtype) if plan is None else plan.with_lens(new_lens)
+        rows = torch.arange(x.shape[0], device=x.device)
+
+        def attend(i: int, q: Tensor, kn: Tensor, vn: Tensor) -> Tensor:
+            k[i][rows, :, lens] = kn[:, :, 0].to(k[i].dtype)
+            v[i][rows, :, lens] = vn[:, :, 0].to(v[i].dtype)
+            return cast(Tensor, plans.layer(i).run(q[:, :, 0], k[i], v[i])).unsqueeze(2)
+
+        hidden = self._run(x, lens.view(-1, 1), attend)
+        return self.logits(hidden[:, 0])
+
     def decode_step_shared(
         self, input_ids: Tensor, shared_k: list[Tensor], shared_v: list[Tensor], suffix: KVCache
     ) -> Tensor:
@@ -455,10 +488,12 @@ class Decoder(nn.Module):
         length = suffix.max_len + 1
         positions = (t + suffix.lens).view(-1, 1)
 
+        plans = self.plan_decode(new_lens, length, length, dtype=self.dtype, shared_len=t)  # no read-back
+
         def attend(i: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
             suffix.write(i, k, v)
             ks, vs = suffix.layer(i, length)
-            o = ops.cascade_decode(q[:, :, 0], shared_k[i], shared_v[i], ks, vs, new_lens, **self._attn_kw(i))
+            o = plans.layer(i).run_cascade(q[:, :, 0], shared_k[i], shared_v[i], ks, vs)
             return cast(Tensor, o).unsqueeze(2)
 
         hidden = self._run(self.embed(input_ids.view(-1, 1)), positions, attend)

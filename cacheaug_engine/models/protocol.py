@@ -83,6 +83,19 @@ class DecoderLike(Protocol):
         """One token per request at position cache.lens[b], cache advanced -> logits [B,V]."""
         ...
 
+    def decode_step_static(
+        self, input_ids: Tensor, k: list[Tensor], v: list[Tensor], lens: Tensor, plan: object = None
+    ) -> Tensor:
+        """One token per request over static cache storage (fixed shapes, lens not advanced) -> [B,V]."""
+        ...
+
+    def plan_decode(
+        self, lens: Tensor, kv_capacity: int, max_len: int, dtype: torch.dtype | None = None,
+        shared_len: int | None = None,
+    ) -> object:
+        """The decode plan every layer of a step reuses (ops.plan_decode, no read-back)."""
+        ...
+
     def decode_step_shared(
         self, input_ids: Tensor, shared_k: list[Tensor], shared_v: list[Tensor], suffix: KVCache
     ) -> Tensor:

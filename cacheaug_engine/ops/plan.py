@@ -278,10 +278,9 @@ def plan_decode(
     name = resolve_backend(op, backend, lens.device, dtype=dtype, head_dim=head_dim, features=feats)
     workspace = None
     if name == "cuda":
-        from .. import cuda_ops  # imported only when the cuda backend was chosen (it needs the extension)
-
-        b = lens.shape[0]
-        workspace = cuda_ops.workspace(b, num_q_heads, num_kv_heads, head_dim, kv_capacity, shared_len, lens.device)
+        # imported only when the cuda backend was chosen (it needs the extension), like the impls above
+        sized = importlib.import_module("cacheaug_engine.cuda_ops").workspace
+        workspace = sized(lens.shape[0], num_q_heads, num_kv_heads, head_dim, kv_capacity, shared_len, lens.device)
     return DecodePlan(
         lens, kv_capacity, name, shared_len is not None, softcap, window, scale, return_lse, workspace, head_dim,
         dtype, backend,
