@@ -6,7 +6,6 @@ one clear error, keeping the last good checkpoint."""
 from __future__ import annotations
 
 import errno
-import json
 import os
 import shutil
 import subprocess
@@ -199,18 +198,20 @@ def test_full_disk_tmpfs(tiny, tmp_path, capsys, monkeypatch):
             subprocess.run(["umount", str(mnt)], check=False)
 
 
-def test_nonfinite_loss_stops_and_keeps_last_checkpoint(tiny, tmp_path, capsys):
-    """A real divergence (lr 1e5): stopped before the optimizer step, one line naming the step,
-    exit 1, the previous checkpoint kept with finite weights."""
+def test_nonfinite_loss_stops_without_writing_a_checkpoint(tiny, tmp_path, capsys):
+    """A real non-finite loss (latents scaled by 3e38 overflow to inf in the decoder): stopped at step 1
+    before the optimizer step, one line naming the step, exit 1, no checkpoint written."""
     out = tmp_path / "run"
-    argv = ["train", *tiny, "--steps", "4", "--save-every", "1", "--lr", "1e5", "--out", str(out)]
+    argv = ["train", *tiny, "--steps", "3", "--save-every", "1", "--scale-init", "3e38", "--scale-mode", "fixed",
+            "--out", str(out)]
     code, err = run_cli(argv, capsys)
-    assert_one_error(code, err, "non-finite loss", "step 2", "last good checkpoint (step 1)", exit_code=1)
-    _assert_survived(out, 1)
-    assert json.loads((out / "checkpoint" / "state.json").read_text())["step"] == 1
+    assert_one_error(code, err, "step 1: non-finite loss", "no checkpoint was written", exit_code=1)
+    assert not (out / "checkpoint").exists() and not [p for p in out.iterdir() if ".tmp-" in p.name]
 
 
-def test_nonfinite_grad_norm_injected(tiny, tmp_path, capsys, monkeypatch):
+def test_nonfinite_grad_norm_keeps_last_checkpoint(tiny, tmp_path, capsys, monkeypatch):
+    """An inf gradient norm at step 3 (injected: a real one depends on the data split): stopped before
+    the optimizer step, the step-2 checkpoint kept with finite weights, exit 1."""
     import cacheaug_engine.train as train_mod
 
     real = train_mod.grad_norm
@@ -225,7 +226,7 @@ def test_nonfinite_grad_norm_injected(tiny, tmp_path, capsys, monkeypatch):
     out = tmp_path / "run"
     argv = ["train", *tiny, "--steps", "5", "--save-every", "1", "--clip", "0", "--out", str(out)]
     code, err = run_cli(argv, capsys)
-    assert_one_error(code, err, "step 3", "gradient norm (inf)", exit_code=1)
+    assert_one_error(code, err, "step 3", "gradient norm (inf)", "last good checkpoint (step 2)", exit_code=1)
     _assert_survived(out, 2)
 
 
