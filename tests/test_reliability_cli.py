@@ -340,3 +340,21 @@ def test_export_bad_inputs(env, tmp_path, capsys, argv, needles):
     assert_one_error(code, err, *[n.format(d=d, ck=ck, tmp=tmp_path) for n in needles])
     assert sorted(p.name for p in d.iterdir()) == before  # nothing of the user's was moved or removed
     assert load_checkpoint(ck).optimizer_tensors  # the training checkpoint is intact
+
+
+def test_init_from_records_the_checkpoints_shapes(env, tmp_path, capsys):
+    """--init-from: the coprocessor's settings come from that checkpoint; state.json records them,
+    not the flags' values, so it never describes tensors of other shapes."""
+    _, common, ck = env
+    out = tmp_path / "run"
+    argv = ["train", *common, "--init-from", str(ck), "--num-latents", "5", "--lora-rank", "4", "--steps", "1",
+            "--out", str(out)]
+    code, err = run_cli(argv, capsys)
+    assert code == 0, err
+    st = load_checkpoint(out / "checkpoint").state
+    assert st["coprocessor"]["num_latents"] == st["train_config"]["num_latents"] == 2
+    assert st["coprocessor"]["lora_rank"] == st["train_config"]["lora_rank"] == 2
+    # and a resume with the same flags is accepted (the flags are re-read from the checkpoint)
+    code, err = run_cli([*argv[:-4], "--steps", "2", "--out", str(out), "--resume"], capsys)
+    assert code == 0, err
+    assert load_checkpoint(out / "checkpoint").state["step"] == 2
