@@ -1,4 +1,4 @@
-"""The ``cacheaug`` command line: demo, train, eval, generate, export, info, bench.
+"""The ``cacheaug`` command line: demo, train, eval, generate, export, info, bench, kernels.
 
 Every subcommand takes ``--help``; train/demo accept ``--config FILE.json`` (keys of
 :class:`cacheaug_engine.train_config.TrainConfig`), with flags given on the command line winning.
@@ -217,6 +217,12 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("info", help="versions and kernel backends", description="Print versions and backends.")
     i.set_defaults(func=cmd_info)
     _add_bench(sub)
+    from . import kernels_cli  # stdlib-only at import; compiles happen in worker processes
+
+    k = sub.add_parser("kernels", help="list Triton kernels; --compile: build them for sm_80/sm_90, no GPU needed",
+                       description="List or ahead-of-time compile the Triton kernels (see kernels_cli).")
+    kernels_cli.add_arguments(k)
+    k.set_defaults(func=kernels_cli.run)
     return p
 
 

@@ -308,6 +308,13 @@ def _block_n(rows_p2: int, dp: int) -> int:
     return max(16, min(128, triton.next_power_of_2(max(1, 8192 // (rows_p2 * dp)))))
 
 
+def partial_constexprs(g: int, bb: int, dh: int) -> dict:
+    """Constexprs of `_partial_kernel` for GQA group g, bb requests per program, head dim dh."""
+    r = triton.next_power_of_2(bb * g)
+    dp = triton.next_power_of_2(dh)
+    return dict(G=g, BB=bb, R=r, D=dh, DP=dp, BLOCK_N=_block_n(r, dp))
+
+
 def _launch_partial(
     q: Tensor,
     k: Tensor,
@@ -331,9 +338,6 @@ def _launch_partial(
 ) -> None:
     b, hq, dh = q.shape
     hkv = k.shape[-3]
-    g = hq // hkv
-    r = triton.next_power_of_2(bb * g)
-    dp = triton.next_power_of_2(dh)
     skb = 0 if shared else k.stride(0)
     svb = 0 if shared else v.stride(0)
     grid = (triton.cdiv(b, bb) * hkv, splits)
@@ -364,12 +368,7 @@ def _launch_partial(
         LENS_IS_SEG=lens_is_seg,
         HAS_WINDOW=window is not None,
         HAS_SOFTCAP=softcap is not None,
-        G=g,
-        BB=bb,
-        R=r,
-        D=dh,
-        DP=dp,
-        BLOCK_N=_block_n(r, dp),
+        **partial_constexprs(hq // hkv, bb, dh),
     )
 
 

@@ -149,7 +149,7 @@ def _fwd_kernel(
 _AUTOTUNE_KEY = ["NS_BUCKET", "T_BUCKET", "S", "GROUP", "BLOCK_D", "CAUSAL", "HAS_SOFTCAP", "HAS_WINDOW"]
 _fwd_tuned = triton.autotune(
     configs=cfgs.candidates("fwd"), key=_AUTOTUNE_KEY,
-    prune_configs_by={"early_config_prune": cfgs.make_pruner("fwd")},
+    prune_configs_by={"early_config_prune": cfgs.make_pruner("fwd", _fwd_kernel)},
 )(_fwd_kernel)
 
 

@@ -208,11 +208,12 @@ def _dkdv_kernel(
 
 _KEY = ["NS_BUCKET", "T_BUCKET", "S", "GROUP", "BLOCK_D", "CAUSAL", "HAS_SOFTCAP", "HAS_WINDOW"]
 _dq_tuned = triton.autotune(
-    configs=cfgs.candidates("dq"), key=_KEY, prune_configs_by={"early_config_prune": cfgs.make_pruner("dq")},
+    configs=cfgs.candidates("dq"), key=_KEY,
+    prune_configs_by={"early_config_prune": cfgs.make_pruner("dq", _dq_kernel)},
 )(_dq_kernel)
 _dkdv_tuned = triton.autotune(
     configs=cfgs.candidates("dkdv"), key=_KEY,
-    prune_configs_by={"early_config_prune": cfgs.make_pruner("dkdv")},
+    prune_configs_by={"early_config_prune": cfgs.make_pruner("dkdv", _dkdv_kernel)},
 )(_dkdv_kernel)
 
 

@@ -16,6 +16,7 @@ segment_attention.py), BLOCK_N = keys per tile. Nothing here queries CUDA at imp
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -69,6 +70,11 @@ def fixed_config(kernel: str, head_dim: int, dtype: torch.dtype) -> tuple[int, i
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) used when autotuning is off."""
     if interpreting():
         return _INTERPRET_CONFIG
+    return gpu_fixed_config(kernel, head_dim, dtype)
+
+
+def gpu_fixed_config(kernel: str, head_dim: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
+    """The GPU's fixed config (whatever TRITON_INTERPRET says): compiled for sm_80/sm_90 in CI."""
     bd = block_d(head_dim)
     wide = dtype == torch.float32
     if kernel == "fwd":
@@ -126,6 +132,11 @@ def prune(kernel: str, configs, bd: int, dtype: torch.dtype, rows: int, device: 
     return out
 
 
+def candidate_tuples(kernel: str) -> list[tuple[int, int, int, int]]:
+    """The autotuner's candidates of `kernel` as (BLOCK_M, BLOCK_N, num_warps, num_stages)."""
+    return list(_CANDIDATES[kernel])
+
+
 def candidates(kernel: str):
     return [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
@@ -133,13 +144,76 @@ def candidates(kernel: str):
     ]
 
 
-def make_pruner(kernel: str):
-    """early_config_prune hook: reads BLOCK_D, the dtype and sizes from the kernel's args."""
+# ----------------------------------------------------------------------------- compile rule
+# A candidate that fails to compile, spills registers, or needs more shared memory than the
+# device allows is never handed to the autotuner. The rule reads compile records (see
+# cacheaug_engine.kernel_compile), so the same rule holds for `cacheaug kernels --compile`
+# (ahead of time, sm_80 / sm_90, in CI) and for the live device, where each candidate is
+# compiled once for its compute capability (cached per specialisation) before autotuning.
+
+_PROBE_KEYS = ("BLOCK_D", "HEAD_DIM", "GROUP", "CAUSAL", "HAS_SOFTCAP", "HAS_WINDOW", "DOT_F32", "INPUT_PRECISION")
+
+
+def rejection(record: dict) -> str | None:
+    """Why a compiled launch must never run: its compile error, spills, or shared memory over the limit."""
+    if record.get("status") != "ok":
+        return record.get("error") or "compile failed"
+    if record.get("spills"):
+        return f"spills {record['spills']} B of registers to local memory"
+    if record.get("shared_bytes", 0) > record.get("smem_limit", float("inf")):
+        return f"shared memory {record['shared_bytes']} B over the limit {record['smem_limit']} B"
+    return None
+
+
+def compile_probe_enabled() -> bool:
+    """Compile-check candidates on the device before autotuning (CACHEAUG_COMPILE_PROBE=0 turns it off)."""
+    return os.environ.get("CACHEAUG_COMPILE_PROBE", "1") != "0"
+
+
+@functools.cache
+def _capability(index: int) -> int:
+    major, minor = torch.cuda.get_device_capability(index)
+    return major * 10 + minor
+
+
+_PROBED: dict[tuple, str | None] = {}
+
+
+def probe_rejection(kernel: str, fn, cfg, args: dict, arch: int, compile_fn=None) -> str | None:
+    """`rejection` of candidate `cfg` of jit kernel `fn`, compiled on this launch's arguments for sm_<arch>, cached."""
+    key = (kernel, arch, tuple(sorted(cfg.kwargs.items())), cfg.num_warps, cfg.num_stages, str(args["Q"].dtype),
+           *(args[k] for k in _PROBE_KEYS))
+    if key not in _PROBED:
+        if compile_fn is None:
+            from cacheaug_engine.kernel_compile import compile_launch as compile_fn
+        rec = compile_fn(fn, {**args, **cfg.kwargs}, arch=arch, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        _PROBED[key] = rejection(rec)
+    return _PROBED[key]
+
+
+def prune_by_compile(kernel: str, fn, configs, args: dict, arch: int, compile_fn=None) -> list:
+    """The candidates whose compile for sm_<arch> passes `rejection` (at least the smallest is kept)."""
+    kept = [c for c in configs if probe_rejection(kernel, fn, c, args, arch, compile_fn) is None]
+    if not kept:
+        reasons = {f"{c.kwargs} w{c.num_warps} s{c.num_stages}": probe_rejection(kernel, fn, c, args, arch, compile_fn)
+                   for c in configs}
+        raise RuntimeError(f"{kernel}: no tile config compiles for sm_{arch} without spills: {reasons}")
+    return kept
+
+
+def make_pruner(kernel: str, fn=None):
+    """early_config_prune hook: reads BLOCK_D, the dtype and sizes from the kernel's args, then
+    drops candidates of jit kernel `fn` that fail the compile rule on this device (no GPU query
+    before the first call; without `fn` only the size rules apply)."""
 
     def _prune(configs, named_args, **kwargs):
         args = {**named_args, **kwargs}
         q = args["Q"]
         rows = int(args["NS"]) * int(args["GROUP"])
-        return prune(kernel, configs, int(args["BLOCK_D"]), q.dtype, rows, q.device)
+        kept = prune(kernel, configs, int(args["BLOCK_D"]), q.dtype, rows, q.device)
+        if fn is not None and q.device.type == "cuda" and not interpreting() and compile_probe_enabled():
+            index = q.device.index if q.device.index is not None else torch.cuda.current_device()
+            kept = prune_by_compile(kernel, fn, kept, args, _capability(index))
+        return kept
 
     return _prune
