@@ -304,8 +304,10 @@ def _check_dtype(x: Tensor) -> None:
 
 
 def _block_n(rows_p2: int, dp: int) -> int:
-    # keep the [R, BLOCK_N, DP] broadcast product around 8k elements per program
-    return max(16, min(128, triton.next_power_of_2(max(1, 8192 // (rows_p2 * dp)))))
+    # keep the [R, BLOCK_N, DP] broadcast product at <= 4k elements per program (4 warps): at 8k,
+    # ptxas spilled registers for sm_80/sm_90 (cacheaug kernels --compile; e.g. 16 rows x Dh 64,
+    # 4 rows x Dh 128 with softcap). No tl.dot here, so BLOCK_N may go below 16.
+    return max(4, min(128, triton.next_power_of_2(max(1, 4096 // (rows_p2 * dp)))))
 
 
 def partial_constexprs(g: int, bb: int, dh: int) -> dict:
