@@ -35,12 +35,19 @@ needs_ptxas = pytest.mark.skipif(
 
 
 @pytest.fixture(scope="module")
-def records(tmp_path_factory):
+def cache_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("triton-cache")
+
+
+@pytest.fixture(scope="module")
+def records(cache_dir):
     """One sweep over the test registry: copy, broken, matmul (default + oversized), crash; sm_80."""
     tasks = kernel_sweep.plan(_cases(), [80], all_configs=True)
     assert len(tasks) == 5
-    return {(r["kernel"], r["default"]): r for r in
-            kernel_sweep.run(tasks, workers=2, registry=CASES, extra_paths=[str(TESTS)])}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TRITON_CACHE_DIR", str(cache_dir))
+        recs = kernel_sweep.run(tasks, workers=2, registry=CASES, extra_paths=[str(TESTS)])
+    return {(r["kernel"], r["default"]): r for r in recs}
 
 
 def _cases():
@@ -101,6 +108,20 @@ def test_worker_crash_is_an_error_record(records):
     rec = records[("crash", True)]
     _check_schema(rec)
     assert rec["status"] == "error" and "exited with code 3" in rec["error"]
+
+
+@needs_ptxas
+def test_cache_hit_without_saved_log_asks_ptxas_again(records, cache_dir, monkeypatch):
+    logs = list(cache_dir.rglob("*.ptxas.log"))
+    assert logs  # saved beside the cubins by the first sweep
+    for f in logs:
+        f.unlink()
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(cache_dir))
+    [rec] = kernel_sweep.run(kernel_sweep.plan(_cases()[:1], [80]), workers=1, registry=CASES,
+                             extra_paths=[str(TESTS)])
+    first = records[("copy", True)]
+    assert rec["status"] == "ok" and (rec["registers"], rec["spills"]) == (first["registers"], first["spills"])
+    assert list(cache_dir.rglob("*.ptxas.log"))
 
 
 @needs_ptxas
@@ -230,7 +251,7 @@ def test_cli_lists_kernels_and_rejects_bad_targets(capsys):
     out = capsys.readouterr().out
     for k in kernel_specs.KERNELS:
         assert k.name in out
-    assert "128x64 w8 s3 (default)" in out
+    assert "128x32 w8 s3 (default)" in out
     assert main(["kernels", "--compile", "--targets", "eighty"]) == 2
     assert "--targets" in capsys.readouterr().err
 
