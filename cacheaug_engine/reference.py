@@ -30,6 +30,19 @@ def softcap_scores(scores: Tensor, softcap: float | None) -> Tensor:
     return softcap * torch.tanh(scores / softcap)
 
 
+def finite_keys(k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(k, v with non-finite entries zeroed, bool [..., L]: key l holds a non-finite k or v).
+
+    The attention ops score such a key NaN before masking: a row that sees it turns NaN (a
+    visible NaN is never hidden), while a row that cannot see it never meets its memory -
+    not even as 0 x NaN in the probability-weighted sum or in a gradient (DESIGN.md
+    section 7, "Invisible keys"). k, v: [..., L, Dh].
+    """
+    k_ok, v_ok = torch.isfinite(k), torch.isfinite(v)
+    bad = ~(k_ok.all(-1) & v_ok.all(-1))
+    return torch.where(k_ok, k, 0.0), torch.where(v_ok, v, 0.0), bad
+
+
 def _expand_kv(x: Tensor, group: int) -> Tensor:
     """[..., Hkv, L, Dh] -> [..., Hkv * group, L, Dh]: query head h uses KV head h // group."""
     return x.repeat_interleave(group, dim=-3)
@@ -38,9 +51,14 @@ def _expand_kv(x: Tensor, group: int) -> Tensor:
 def _masked_attention(
     q: Tensor, k: Tensor, v: Tensor, visible: Tensor, scale: float, softcap: float | None
 ) -> tuple[Tensor, Tensor]:
-    """q [H, M, Dh], k/v [H, L, Dh], visible bool [M, L] -> (o [H, M, Dh], lse [H, M])."""
+    """q [H, M, Dh], k/v [H, L, Dh], visible bool [M, L] -> (o [H, M, Dh], lse [H, M]).
+
+    A key with a non-finite k or v makes every row that sees it NaN; rows that cannot see it
+    are exactly as if its memory were clean, forward and backward (see finite_keys).
+    """
+    k, v, bad = finite_keys(k, v)
     scores = softcap_scores(torch.einsum("hmd,hld->hml", q, k) * scale, softcap)
-    scores = scores.masked_fill(~visible, float("-inf"))
+    scores = scores.masked_fill(bad.unsqueeze(-2), float("nan")).masked_fill(~visible, float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)
     # A row with no visible key (only possible in decode ops with length 0) gives o = 0.
     probs = torch.exp(scores - lse.unsqueeze(-1).masked_fill(torch.isinf(lse).unsqueeze(-1), 0.0))
@@ -159,14 +177,17 @@ def merge_states(o_a: Tensor, lse_a: Tensor, o_b: Tensor, lse_b: Tensor) -> tupl
     """Exact merge of two partial softmax attentions over disjoint key sets.
 
     o_* [..., Dh] with lse_* [...] (fp32, or fp64 for fp64 o; natural log). An empty part has lse = -inf and
-    contributes nothing; two empty parts give o = 0, lse = -inf.
+    contributes nothing, whatever its o holds; two empty parts give o = 0, lse = -inf. A NaN
+    (or +inf) lse is not an empty part: it gives o = NaN and lse = NaN (+inf), never a silent 0.
     """
     ct = compute_dtype(o_a.dtype)
     la, lb = lse_a.to(ct), lse_b.to(ct)
     lse = torch.logaddexp(la, lb)
-    finite = torch.isfinite(lse)
-    safe = torch.where(finite, lse, torch.zeros_like(lse))
-    wa = torch.where(finite, torch.exp(la - safe), torch.zeros_like(lse)).unsqueeze(-1)
-    wb = torch.where(finite, torch.exp(lb - safe), torch.zeros_like(lse)).unsqueeze(-1)
-    o = wa * o_a.to(ct) + wb * o_b.to(ct)
+    neg_inf = float("-inf")
+    safe = torch.where(lse == neg_inf, torch.zeros_like(lse), lse)
+    parts = []
+    for l_x, o_x in ((la, o_a), (lb, o_b)):
+        w = torch.exp(l_x - safe).unsqueeze(-1)  # NaN when lse is NaN or +inf
+        parts.append(torch.where((l_x == neg_inf).unsqueeze(-1), 0.0, w * o_x.to(ct)))
+    o = parts[0] + parts[1]
     return o.to(o_a.dtype), lse.to(lse_dtype(o_a.dtype))

@@ -325,7 +325,8 @@ __global__ void __launch_bounds__(256) partial_kernel(const PartialParams p) {
   for (int r = 0; r < kRowsPerWarp; ++r) {
     if (r >= nr) continue;
     const int grow = wrow0 + r, b = grow / p.G, h = hkv * p.G + grow % p.G;
-    const bool nonempty = l[r] > 0.f;
+    // l >= 0; != differs from > only for NaN: a row that saw a NaN stays NaN, never "empty"
+    const bool nonempty = l[r] != 0.f;
     const float inv = nonempty ? 1.f / l[r] : 0.f;
     const float lse = nonempty ? m[r] + __logf(l[r]) : -CUDART_INF_F;
     if (p.final_out) {
@@ -354,16 +355,17 @@ __global__ void reduce_kernel(const float* po, const float* pl, int n_slots, int
   const float ms = mx == -CUDART_INF_F ? 0.f : mx;
   float total = 0.f;
   for (int s = 0; s < n_slots; ++s) total += __expf(pls[s] - ms);
-  const float inv = total > 0.f ? 1.f / total : 0.f;
+  // NaN partial lse (a row that saw a NaN) -> NaN out; only an exact 0 weight is skipped
+  const float inv = total != 0.f ? 1.f / total : 0.f;
   for (int d = threadIdx.x; d < D; d += blockDim.x) {
     float a = 0.f;
     for (int s = 0; s < n_slots; ++s) {
       const float w = __expf(pls[s] - ms);
-      if (w > 0.f) a = fmaf(w, po[((int64_t)row * n_slots + s) * D + d], a);
+      if (w != 0.f) a = fmaf(w, po[((int64_t)row * n_slots + s) * D + d], a);
     }
     o[b * sob + h * soh + d * sod] = from_f<T>(a * inv);
   }
-  if (threadIdx.x == 0 && lse != nullptr) lse[b * sleb + h * sleh] = total > 0.f ? ms + __logf(total) : -CUDART_INF_F;
+  if (threadIdx.x == 0 && lse != nullptr) lse[b * sleb + h * sleh] = total != 0.f ? ms + __logf(total) : -CUDART_INF_F;
 }
 
 template <typename T>
@@ -377,12 +379,15 @@ __global__ void merge_kernel(int64_t N, int D, const T* oa, int64_t oar, int64_t
   const float a = la[row * lar], b = lb[row * lbr];
   const float mx = fmaxf(a, b), ms = mx == -CUDART_INF_F ? 0.f : mx;
   const float wa = __expf(a - ms), wb = __expf(b - ms), total = wa + wb;
-  const float inv = total > 0.f ? 1.f / total : 0.f;
+  // ops.merge_states' contract: an empty part (lse = -inf) contributes nothing whatever its o
+  // holds; a NaN lse gives NaN o and lse (never the "empty" 0 / -inf).
+  const float inv = total != 0.f ? 1.f / total : 0.f;
   for (int d = lane; d < D; d += 32) {
     const float x = to_f(oa[row * oar + d * oad]), y = to_f(ob[row * obr + d * obd]);
-    o[row * orow + d * od] = from_f<T>((wa * x + wb * y) * inv);
+    const float xa = a == -CUDART_INF_F ? 0.f : wa * x, yb = b == -CUDART_INF_F ? 0.f : wb * y;
+    o[row * orow + d * od] = from_f<T>((xa + yb) * inv);
   }
-  if (lane == 0) lse[row * lr] = total > 0.f ? ms + __logf(total) : -CUDART_INF_F;
+  if (lane == 0) lse[row * lr] = total != 0.f ? ms + __logf(total) : -CUDART_INF_F;
 }
 
 }  // namespace cacheaug

@@ -1,8 +1,8 @@
 """Triton helpers shared by the kernel files of this package (one place, no copies).
 
-* ``@triton.jit`` device helpers: ``tanh`` (softcap in segment_attention.py,
-  segment_attention_bwd.py and decode.py) and the packed-row tiling / visibility helpers
-  that the segment attention forward (segment_attention.py) and backward
+* ``@triton.jit`` device helpers: ``finite_tile`` (invisible keys never leak), ``tanh``
+  (softcap in segment_attention.py, segment_attention_bwd.py and decode.py) and the
+  packed-row tiling / visibility helpers that the segment attention forward (segment_attention.py) and backward
   (segment_attention_bwd.py) kernels both walk.
 * Host-side launch helpers of the segment attention kernels: ``common_meta`` (scalar args
   and constexprs shared by the forward and backward launches) and ``launch`` (fixed tile
@@ -27,6 +27,19 @@ def tanh(x):
     # tanh through exp2: exact enough in fp32 and available on every backend (interpreter too).
     e = tl.exp2(x * 2.8853900817779268)  # exp(2x)
     return 1.0 - 2.0 / (e + 1.0)
+
+
+@triton.jit
+def finite_tile(x, AXIS: tl.constexpr):
+    """(x with non-finite entries zeroed, bool vector along the other axis: that line held one).
+
+    Invisible keys (DESIGN.md section 7): a tile mixes rows that see a key with rows that do
+    not, and 0 x NaN = NaN inside tl.dot, so the kernels zero non-finite entries for the dots
+    and score a flagged key (or row) NaN for exactly the pairs that see each other.
+    """
+    ok = (x == x) & (tl.abs(x) < float("inf"))
+    bad = tl.min(ok.to(tl.int32), axis=AXIS) == 0
+    return tl.where(ok, x, tl.zeros_like(x)), bad
 
 
 @triton.jit

@@ -134,9 +134,19 @@ def _partial_kernel(
         nmask = n < hi
         kv_mask = nmask[:, None] & dmask[None, :]
         k = tl.load(kbase + n[:, None] * skt + d[None, :] * skd, mask=kv_mask, other=0.0).to(tl.float32)
+        v = tl.load(vbase + n[:, None] * svt + d[None, :] * svd, mask=kv_mask, other=0.0).to(tl.float32)
+        # A tile of the shared prefix serves requests whose windows differ: a key one row cannot
+        # see may be visible to another. Non-finite entries are zeroed (no 0 x NaN for the rows
+        # that cannot see them) and their key scores NaN for the rows that can (DESIGN.md section 7).
+        k_ok = (k == k) & (tl.abs(k) < float("inf"))
+        v_ok = (v == v) & (tl.abs(v) < float("inf"))
+        bad = (tl.min(k_ok.to(tl.int32), axis=1) == 0) | (tl.min(v_ok.to(tl.int32), axis=1) == 0)
+        k = tl.where(k_ok, k, 0.0)
+        v = tl.where(v_ok, v, 0.0)
         s = tl.sum(q[:, None, :] * k[None, :, :], axis=2) * scale
         if HAS_SOFTCAP:
             s = softcap * tanh(s / softcap)
+        s = tl.where(bad[None, :], float("nan"), s)
         vis = (n[None, :] < seg_len[:, None]) & nmask[None, :]
         if HAS_WINDOW:
             vis = vis & ((POS_OFF + n)[None, :] > (qpos - WINDOW)[:, None])
@@ -145,12 +155,11 @@ def _partial_kernel(
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         p = tl.exp(s - m_safe[:, None])
         alpha = tl.exp(m_i - m_safe)
-        v = tl.load(vbase + n[:, None] * svt + d[None, :] * svd, mask=kv_mask, other=0.0).to(tl.float32)
         l_i = l_i * alpha + tl.sum(p, axis=1)
         acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], axis=1)
         m_i = m_new
 
-    nonempty = l_i > 0.0
+    nonempty = l_i != 0.0  # NaN (a row that saw a non-finite key) stays NaN, never "empty"
     lse = tl.where(nonempty, m_i + tl.log(tl.where(nonempty, l_i, 1.0)), float("-inf"))
     o = acc / tl.where(nonempty, l_i, 1.0)[:, None]
     slot = SPLIT_OFF + split
@@ -216,7 +225,7 @@ def _reduce_kernel(
         wsum += w
         acc += tl.sum(w[:, None] * po, axis=0)
     total = tl.sum(wsum, axis=0)
-    nonempty = total > 0.0
+    nonempty = total != 0.0  # a NaN partial state gives NaN, not an empty row
     o = acc / tl.where(nonempty, total, 1.0)
     lse = tl.where(nonempty, mx_safe + tl.log(tl.where(nonempty, total, 1.0)), float("-inf"))
     tl.store(O + b * sob + h * soh + d * sod, o.to(O.dtype.element_ty), mask=dmask)
@@ -254,7 +263,7 @@ def _merge_kernel(
     wa = tl.exp(la - mx_safe)
     wb = tl.exp(lb - mx_safe)
     total = wa + wb
-    nonempty = total > 0.0
+    nonempty = total != 0.0  # NaN lse in -> NaN out (ops.merge_states' contract), never "empty"
     inv = 1.0 / tl.where(nonempty, total, 1.0)
     lse = tl.where(nonempty, mx_safe + tl.log(tl.where(nonempty, total, 1.0)), float("-inf"))
     tl.store(L + r, lse, mask=rmask)
@@ -265,7 +274,9 @@ def _merge_kernel(
         m2 = rmask[:, None] & (d < D)[None, :]
         a = tl.load(OA + r[:, None] * soa + d[None, :] * sda, mask=m2, other=0.0).to(tl.float32)
         b = tl.load(OB + r[:, None] * sob + d[None, :] * sdb, mask=m2, other=0.0).to(tl.float32)
-        o = wa[:, None] * a + wb[:, None] * b
+        # an empty part (lse = -inf) contributes nothing, whatever its o holds
+        o = tl.where((la == float("-inf"))[:, None], 0.0, wa[:, None] * a)
+        o += tl.where((lb == float("-inf"))[:, None], 0.0, wb[:, None] * b)
         tl.store(O + r[:, None] * so + d[None, :] * sd, o.to(O.dtype.element_ty), mask=m2)
 
 

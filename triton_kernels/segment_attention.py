@@ -23,6 +23,14 @@ Masks are applied per element inside those ranges; the concatenated [T + N*S] ke
 dense masks never exist. Cost is ~ sum_k G*S*(p_k + S) per KV head, plus at most one
 partial tile per range (and, when a tile spans two blocks, the gap p_{k+1} - p_k).
 
+Invisible keys (DESIGN.md section 7): a tile mixes rows that see a key with rows that do
+not (block boundaries, the causal diagonal, the window, different p_k), and masking the
+probability alone is not enough (0 x NaN = NaN inside tl.dot). Every K/V tile therefore
+goes through `common.finite_tile`: non-finite entries are zeroed for the dots and the key is
+flagged; a flagged key scores NaN before masking, so exactly the rows that see it turn
+NaN (the torch reference does the same, reference.finite_keys). The backward kernels do
+the same for the query rows they mix (q, dO), and mask dS with the visibility.
+
 Numerics: online softmax in base 2 with fp32 accumulators; lse is returned as natural
 log in fp32 [B, Hq, N*S]. Softcap c*tanh(s/c) is applied before masking. fp32 inputs use
 IEEE fp32 dots unless torch.backends.cuda.matmul.allow_tf32 is set. Under
@@ -48,6 +56,7 @@ except ImportError as exc:  # pragma: no cover - backends.py reports this before
 from . import segment_attention_configs as cfgs
 from .common import (
     common_meta,
+    finite_tile,
     launch,
     local_visible,
     prefix_visible,
@@ -64,7 +73,10 @@ MAX_HEAD_DIM = 256
 @triton.jit
 def _online_step(acc, m_i, l_i, q, kT, v, vis, qk_scale, softcap,
                  HAS_SOFTCAP: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    kT, k_bad = finite_tile(kT, 0)
+    v, v_bad = finite_tile(v, 1)
     s, _ = scores(q, kT, qk_scale, softcap, HAS_SOFTCAP, INPUT_PRECISION)
+    s = tl.where((k_bad | v_bad)[None, :], float("nan"), s)
     s = tl.where(vis, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, axis=1))
     alpha = tl.exp2(m_i - m_new)
@@ -138,7 +150,7 @@ def _fwd_kernel(
         acc, m_i, l_i = _online_step(acc, m_i, l_i, q, kT, v, vis, qk_scale, softcap,
                                      HAS_SOFTCAP, INPUT_PRECISION)
 
-    l_safe = tl.where(l_i > 0.0, l_i, 1.0)
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)  # a row that saw a non-finite key keeps its NaN
     o = acc / l_safe[:, None]
     lse = (m_i + tl.log2(l_safe)) * 0.6931471805599453
     tl.store(O + b * sob + h[:, None] * soh + n[:, None] * son + offs_d[None, :] * sod,

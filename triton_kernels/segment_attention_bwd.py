@@ -13,6 +13,12 @@ Three launches, none with atomics, so results are bitwise deterministic:
    window end) - for all G query heads of the group. The GQA reduction therefore happens
    inside one program, in a fixed order. The prefix gets no dk/dv (frozen cache).
 
+Invisible keys and rows (DESIGN.md section 7): K/V tiles (and, in the dk/dv kernel, the
+q/dO row tiles it mixes) go through `common.finite_tile`; a flagged key or row scores NaN for
+the pairs that see each other, and dS is masked with the visibility, so a key a row
+cannot see never reaches that row's dq, and a row never reaches the dk/dv of a key it
+cannot see, whatever either's memory holds.
+
 Dots run on the input dtype (P and dS are cast down, as in FlashAttention-2) with fp32
 accumulation; dO may have any strides (autograd hands `out.sum()`'s gradient over as an
 expanded stride-0 tensor).
@@ -26,6 +32,7 @@ from torch import Tensor
 from . import segment_attention_configs as cfgs
 from .common import (
     common_meta,
+    finite_tile,
     launch,
     local_visible,
     prefix_visible,
@@ -55,12 +62,16 @@ def _delta_kernel(O, DO, DLSE, DELTA, sob, soh, son, sod, sdb, sdh, sdn, sdd, sl
 @triton.jit
 def _dq_step(dq, q, do, k, v, vis, lse2, delta, qk_scale, softcap,
              HAS_SOFTCAP: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    k, k_bad = finite_tile(k, 1)
+    v, v_bad = finite_tile(v, 1)
     s, t = scores(q, tl.trans(k), qk_scale, softcap, HAS_SOFTCAP, INPUT_PRECISION)
+    s = tl.where((k_bad | v_bad)[None, :], float("nan"), s)
     pr = tl.where(vis, tl.exp2(s - lse2[:, None]), 0.0)
     dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION)
     ds = pr * (dp - delta[:, None])
     if HAS_SOFTCAP:
         ds = ds * (1.0 - t * t)
+    ds = tl.where(vis, ds, 0.0)
     return dq + tl.dot(ds.to(k.dtype), k, input_precision=INPUT_PRECISION)
 
 
@@ -167,6 +178,9 @@ def _dkdv_kernel(
     if DOT_F32:
         k = k.to(tl.float32)
         v = v.to(tl.float32)
+    k, k_bad = finite_tile(k, 1)
+    v, v_bad = finite_tile(v, 1)
+    key_bad = k_bad | v_bad
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
 
@@ -185,7 +199,10 @@ def _dkdv_kernel(
         h = kvh * GROUP + g
         q, do, lse2, delta, _ = _load_rows(Q, DO, LSE, DELTA, b, h, n, row_ok, offs_d, d_ok,
                                                sqb, sqh, sqn, sqd, sdb, sdh, sdn, sdd, HKV, NS, GROUP, DOT_F32)
+        q, q_bad = finite_tile(q, 1)
+        do, do_bad = finite_tile(do, 1)
         s, t = scores(k, tl.trans(q), qk_scale, softcap, HAS_SOFTCAP, INPUT_PRECISION)  # [BLOCK_N, BLOCK_M]
+        s = tl.where(key_bad[:, None] | (q_bad | do_bad)[None, :], float("nan"), s)
         vis = (kb[:, None] == blk[None, :]) & m_ok[:, None] & row_ok[None, :]
         if CAUSAL:
             vis = vis & (ki[:, None] <= i[None, :])
@@ -197,6 +214,7 @@ def _dkdv_kernel(
         dsT = pT * (dpT - delta[None, :])
         if HAS_SOFTCAP:
             dsT = dsT * (1.0 - t * t)
+        dsT = tl.where(vis, dsT, 0.0)
         dk += tl.dot(dsT.to(q.dtype), q, input_precision=INPUT_PRECISION)
 
     dk = dk * qk_scale

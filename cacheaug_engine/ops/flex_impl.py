@@ -4,6 +4,11 @@ Keys are [k_prefix ; k] concatenated along the sequence (T + N*S); the block mas
 FlexAttention skip fully invisible tiles. It serves as a peer in benchmarks and as a
 fallback on GPUs without Triton. On CUDA the kernel is compiled once per process; on the
 CPU it runs eagerly (forward only: FlexAttention has no CPU backward).
+
+Invisible keys (DESIGN.md section 7): FlexAttention multiplies masked probabilities (0) by
+the values of partially visible tiles, so a NaN a row cannot see would still reach it
+(0 x NaN). Keys and values therefore pass through reference.finite_keys, and score_mod
+scores a key that held a non-finite value NaN: exactly the rows that see it turn NaN.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from torch import Tensor
 from torch.nn.attention.flex_attention import AuxRequest
 
 from ..backends import BackendUnavailableError
-from ..reference import lse_dtype
+from ..reference import finite_keys, lse_dtype
 
 
 @cache
@@ -78,15 +83,15 @@ def segment_attention(
         )
     if block_mask is None:
         block_mask = build_block_mask(prefix_lens, t, ns, block_len, causal, window)
-    score_mod = None
-    if softcap is not None:
-        cap = float(softcap)
+    k_cat, v_cat, bad = finite_keys(torch.cat([k_prefix, k], dim=2), torch.cat([v_prefix, v], dim=2))
+    cap = None if softcap is None else float(softcap)
+    group = q.shape[1] // k.shape[1]
 
-        def score_mod(score, b, h, q_idx, kv_idx):
-            return cap * torch.tanh(score / cap)
+    def score_mod(score, b, h, q_idx, kv_idx):
+        if cap is not None:
+            score = cap * torch.tanh(score / cap)
+        return torch.where(bad[b, h // group, kv_idx], float("nan"), score)
 
-    k_cat = torch.cat([k_prefix, k], dim=2)
-    v_cat = torch.cat([v_prefix, v], dim=2)
     scale = 1.0 / math.sqrt(dh) if scale is None else scale
     out, aux = _flex_fn(q.device.type)(
         q, k_cat, v_cat, score_mod=score_mod, block_mask=block_mask, scale=scale,

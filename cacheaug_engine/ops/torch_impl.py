@@ -5,6 +5,10 @@ requests and skip the invisible work that matters most: blocks never score each 
 keys (block-local [S, S] scores instead of [N*S, N*S]), prefix keys past max(p_k) are
 never read, and the shared cascade prefix is never expanded per request. Gradients
 come from autograd (prefix gradients too, if a caller asks for them).
+
+Invisible keys (DESIGN.md section 7): keys and values pass through reference.finite_keys,
+so a key a row cannot see never reaches it, even as 0 x NaN inside a batched einsum, and
+a key holding NaN/Inf makes exactly the rows that see it NaN.
 """
 
 from __future__ import annotations
@@ -15,12 +19,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..reference import compute_dtype, lse_dtype, softcap_scores
+from ..reference import compute_dtype, finite_keys, lse_dtype, softcap_scores
 
 
-def _softmax_rows(scores: Tensor, visible: Tensor) -> tuple[Tensor, Tensor]:
+def _mask_scores(scores: Tensor, bad: Tensor, visible: Tensor) -> Tensor:
+    """NaN where a key holds a non-finite value, then -inf where the key is invisible."""
+    return scores.masked_fill(bad, float("nan")).masked_fill(~visible, float("-inf"))
+
+
+def _softmax_rows(scores: Tensor, bad: Tensor, visible: Tensor) -> tuple[Tensor, Tensor]:
     """Masked softmax along the last dim; rows with nothing visible give p = 0, lse = -inf."""
-    scores = scores.masked_fill(~visible, float("-inf"))
+    scores = _mask_scores(scores, bad, visible)
     lse = torch.logsumexp(scores, dim=-1, keepdim=True)
     safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
     probs = torch.exp(scores - safe).masked_fill(~visible, 0.0)
@@ -62,17 +71,20 @@ def segment_attention(
         vis_prefix = vis_prefix & (key_pos > row_pos - window)
         vis_local = vis_local & (local_key > local_row - window)
 
+    kp, vp, bad_p = finite_keys(kp, vp)
+    kl, vl, bad_l = finite_keys(kl, vl)
     if t_used == 0 and softcap is None and not return_lse:
         # No prefix (e.g. prefill): per-block causal attention, fused by SDPA. Blocks become a
-        # batch dim: [B, N, H, S, Dh].
-        def blocks(x: Tensor, heads: int) -> Tensor:
-            return x.reshape(b, heads, n, s, dh).transpose(1, 2).to(ct)
-
+        # batch dim: [B, N, H, S, Dh]. SDPA cannot score a key NaN, so the rows that see a key
+        # that held a non-finite value are set NaN afterwards ([S, S] x [S] per block, no sync).
         out = F.scaled_dot_product_attention(
-            blocks(q, hq), blocks(k, hkv), blocks(v, hkv), scale=scale, enable_gqa=g > 1,
+            q.reshape(b, hq, n, s, dh).transpose(1, 2).to(ct), kl.transpose(1, 2), vl.transpose(1, 2),
+            scale=scale, enable_gqa=g > 1,
             attn_mask=None if (causal and window is None) else vis_local,
             is_causal=causal and window is None,
         )
+        hit = torch.einsum("ij,bhnj->bnhi", vis_local.to(ct), bad_l.to(ct)).repeat_interleave(g, dim=2) > 0
+        out = out.masked_fill(hit.unsqueeze(-1), float("nan"))
         return out.transpose(1, 2).reshape(b, hq, ns, dh).to(q.dtype)
 
     s_prefix = softcap_scores(torch.einsum("bhgnsd,bhtd->bhgnst", qg, kp) * scale, softcap)
@@ -82,11 +94,15 @@ def segment_attention(
         [vis_prefix.expand(b, 1, 1, n, s, t_used), vis_local.view(1, 1, 1, 1, s, s).expand(b, 1, 1, n, s, s)],
         dim=-1,
     )
+    bad = torch.cat(
+        [bad_p.view(b, hkv, 1, 1, 1, t_used).expand(b, hkv, 1, n, 1, t_used), bad_l.view(b, hkv, 1, n, 1, s)],
+        dim=-1,
+    )
     if return_lse:
-        probs, lse = _softmax_rows(scores, visible)
+        probs, lse = _softmax_rows(scores, bad, visible)
     else:
         # Every row sees at least its own key, so a plain (fused) softmax is safe here.
-        probs = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1)
+        probs = torch.softmax(_mask_scores(scores, bad, visible), dim=-1)
     out = torch.einsum("bhgnst,bhtd->bhgnsd", probs[..., :t_used], vp)
     out = out + torch.einsum("bhgnsj,bhnjd->bhgnsd", probs[..., t_used:], vl)
     out = out.reshape(b, hq, ns, dh).to(q.dtype)
@@ -110,13 +126,15 @@ def decode_attention(
     ct = compute_dtype(q.dtype)
     scale = 1.0 / math.sqrt(dh) if scale is None else scale
     qg = q.reshape(b, hkv, hq // hkv, dh).to(ct)
+    k, v, bad = finite_keys(k.to(ct), v.to(ct))
     pos = torch.arange(tmax, device=q.device).view(1, 1, 1, tmax)
     n = lens.to(q.device).long().view(b, 1, 1, 1)
     visible = pos < n
     if window is not None:
         visible = visible & (pos > n - 1 - window)
-    probs, lse = _softmax_rows(_decode_scores(qg, k, scale, softcap, shared=False), visible)
-    out = torch.einsum("bhgl,bhld->bhgd", probs, v.to(ct)).reshape(b, hq, dh).to(q.dtype)
+    scores = _decode_scores(qg, k, scale, softcap, shared=False)
+    probs, lse = _softmax_rows(scores, bad.unsqueeze(2), visible)
+    out = torch.einsum("bhgl,bhld->bhgd", probs, v).reshape(b, hq, dh).to(q.dtype)
     lse = lse.reshape(b, hq).to(lse_dtype(q.dtype))
     return (out, lse) if return_lse else out
 
@@ -132,6 +150,8 @@ def cascade_decode(
     ct = compute_dtype(q.dtype)
     scale = 1.0 / math.sqrt(dh) if scale is None else scale
     qg = q.reshape(b, hkv, hq // hkv, dh).to(ct)
+    k_shared, v_shared, bad_s = finite_keys(k_shared.to(ct), v_shared.to(ct))
+    k_suffix, v_suffix, bad_x = finite_keys(k_suffix.to(ct), v_suffix.to(ct))
     n = suffix_lens.to(q.device).long().view(b, 1, 1, 1)
     q_pos = t + n - 1
     pos = torch.arange(t + length, device=q.device).view(1, 1, 1, t + length)
@@ -145,9 +165,10 @@ def cascade_decode(
         ],
         dim=-1,
     )
-    probs, lse = _softmax_rows(scores, visible)
-    out = torch.einsum("bhgl,hld->bhgd", probs[..., :t], v_shared.to(ct))
-    out = out + torch.einsum("bhgl,bhld->bhgd", probs[..., t:], v_suffix.to(ct))
+    bad = torch.cat([bad_s.unsqueeze(0).expand(b, hkv, t), bad_x], dim=-1).unsqueeze(2)
+    probs, lse = _softmax_rows(scores, bad, visible)
+    out = torch.einsum("bhgl,hld->bhgd", probs[..., :t], v_shared)
+    out = out + torch.einsum("bhgl,bhld->bhgd", probs[..., t:], v_suffix)
     out = out.reshape(b, hq, dh).to(q.dtype)
     lse = lse.reshape(b, hq).to(lse_dtype(q.dtype))
     return (out, lse) if return_lse else out
