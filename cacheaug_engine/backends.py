@@ -100,16 +100,36 @@ def backends() -> dict[str, dict[str, object]]:
 
 
 def _env_choice(op: str) -> str | None:
+    """The backend CACHEAUG_BACKEND names for ``op`` (None if it names none).
+
+    The whole variable is checked on every read: a misspelt op name or backend name, or an
+    entry that is not ``op=backend``, raises instead of being silently ignored.
+    """
     raw = os.environ.get("CACHEAUG_BACKEND", "").strip()
     if not raw:
         return None
     if "=" not in raw:
+        if raw not in BACKEND_NAMES:
+            raise ValueError(f"CACHEAUG_BACKEND={raw!r}: unknown backend; expected one of {', '.join(BACKEND_NAMES)}")
         return raw
+    choice = None
     for entry in raw.split(","):
-        key, _, value = entry.partition("=")
-        if key.strip() == op:
-            return value.strip()
-    return None
+        if not entry.strip():
+            continue
+        key, sep, value = (x.strip() for x in entry.partition("="))
+        if not sep or key not in OP_BACKENDS:
+            raise ValueError(
+                f"CACHEAUG_BACKEND={raw!r}: entry {entry.strip()!r} must be op=backend with op one of "
+                f"{', '.join(OP_BACKENDS)}"
+            )
+        if value not in BACKEND_NAMES:
+            raise ValueError(
+                f"CACHEAUG_BACKEND={raw!r}: unknown backend {value!r} for {key}; expected one of "
+                f"{', '.join(BACKEND_NAMES)}"
+            )
+        if key == op:
+            choice = value
+    return choice
 
 
 # Automatic choices so far, per (op, device type, dtype, head dim, features): resolved once,

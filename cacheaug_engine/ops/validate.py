@@ -1,8 +1,8 @@
 """Input checks shared by every public op: run before any kernel launches.
 
 Each error names the argument and what was expected. Value checks on index tensors
-(prefix_lens, lens) read them back to the host once; under torch.compile they are
-skipped (the fake tensors carry no values).
+(prefix_lens, lens) read them back to the host once; they are skipped where tensors carry
+no values: under torch.compile, for meta tensors and for fake tensors (FakeTensorMode).
 """
 
 from __future__ import annotations
@@ -18,6 +18,24 @@ INT_DTYPES = (torch.int32, torch.int64)
 
 def _compiling() -> bool:
     return bool(torch.compiler.is_compiling())
+
+
+def has_values(x: Tensor) -> bool:
+    """False where reading x back would fail or mean nothing: compiling, meta or fake tensors."""
+    if _compiling() or x.device.type == "meta":
+        return False
+    try:
+        from torch._subclasses.fake_tensor import is_fake
+    except ImportError:  # pragma: no cover - older torch
+        return True
+    return not is_fake(x)
+
+
+def check_head_dim(name: str, x: Tensor) -> int:
+    dh = x.shape[-1]
+    if dh < 1:
+        raise ValueError(f"{name}: head dim (last dim, Dh) must be >= 1, got shape {tuple(x.shape)}")
+    return dh
 
 
 def check_tensor(name: str, x: object, ndim: int, layout: str) -> Tensor:
@@ -63,10 +81,10 @@ def check_index(
 
 def index_range(name: str, x: Tensor, low: int, high: int, row_high: Tensor | None = None) -> int | None:
     """Check low <= x <= high (and x[b, ...] <= row_high[b] when given) with ONE host read-back;
-    returns max(x) (0 when empty), or None under torch.compile (fake tensors carry no values)."""
+    returns max(x) (0 when empty), or None where x carries no values (compiling, meta, fake)."""
     if not x.numel():
         return 0
-    if _compiling():
+    if not has_values(x):
         return None
     stats = [x.min(), x.max()]
     if row_high is not None:
@@ -103,6 +121,7 @@ def check_segment_inputs(
     check_tensor("k_prefix", k_prefix, 4, "[B, Hkv, T, Dh]")
     check_tensor("v_prefix", v_prefix, 4, "[B, Hkv, T, Dh]")
     check_float_group(["q", "k", "v", "k_prefix", "v_prefix"], [q, k, v, k_prefix, v_prefix])
+    check_head_dim("q", q)
     if isinstance(block_len, bool) or not isinstance(block_len, int) or block_len < 1:
         raise ValueError(f"block_len: expected an int >= 1, got {block_len!r}")
     b, hq, ns, dh = q.shape
@@ -135,6 +154,7 @@ def check_decode_inputs(
     check_tensor("k", k, 4, "[B, Hkv, Tmax, Dh]")
     check_tensor("v", v, 4, "[B, Hkv, Tmax, Dh]")
     check_float_group(["q", "k", "v"], [q, k, v])
+    check_head_dim("q", q)
     b, hq, dh = q.shape
     if k.shape[0] != b or k.shape[3] != dh or tuple(v.shape) != tuple(k.shape):
         raise ValueError(
@@ -158,6 +178,7 @@ def check_cascade_inputs(
     check_float_group(
         ["q", "k_shared", "v_shared", "k_suffix", "v_suffix"], [q, k_shared, v_shared, k_suffix, v_suffix]
     )
+    check_head_dim("q", q)
     b, hq, dh = q.shape
     hkv = k_shared.shape[0]
     if tuple(v_shared.shape) != tuple(k_shared.shape) or k_shared.shape[2] != dh:
@@ -181,7 +202,7 @@ def check_cascade_inputs(
 
 def check_cascade_lens(suffix_lens: Tensor, shared_len: int) -> None:
     """With an empty shared prefix every request needs a suffix key (one read-back, only then)."""
-    if shared_len == 0 and suffix_lens.numel() and not _compiling() and int(suffix_lens.min()) == 0:
+    if shared_len == 0 and suffix_lens.numel() and has_values(suffix_lens) and int(suffix_lens.min()) == 0:
         raise ValueError("suffix_lens: with an empty shared prefix (T = 0) every request needs suffix_lens >= 1")
 
 
