@@ -56,6 +56,21 @@ def row_tile(r_start, r_stop, PL, b, N, NS, S, GROUP: tl.constexpr, BLOCK_M: tl.
 
 
 @triton.jit
+def program_row_tile(PL, NS, N, S, HKV, GROUP: tl.constexpr, BLOCK_M: tl.constexpr):
+    """This program's packed row tile (grid: row tiles x B*Hkv): (b, kvh, h, row_ok, n, blk, i, p).
+
+    h [BLOCK_M] is each row's query head; the rest as in ``row_tile``.
+    """
+    # Heaviest tiles (latest blocks, longest prefixes when p_k ascends) start first.
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
+    pid_bh = tl.program_id(1).to(tl.int64)
+    b = pid_bh // HKV
+    kvh = pid_bh % HKV
+    row_ok, n, g, blk, i, p = row_tile(pid_m * BLOCK_M, NS * GROUP, PL, b, N, NS, S, GROUP, BLOCK_M)
+    return b, kvh, kvh * GROUP + g, row_ok, n, blk, i, p
+
+
+@triton.jit
 def row_key_ranges(row_ok, n, blk, p, i, NS, S, window,
                     CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, BLOCK_N: tl.constexpr):
     """Key ranges a row tile must visit: prefix [p_lo, p_hi), block keys [l_lo, l_hi)."""

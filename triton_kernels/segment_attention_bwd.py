@@ -36,6 +36,7 @@ from .common import (
     launch,
     local_visible,
     prefix_visible,
+    program_row_tile,
     row_key_ranges,
     row_tile,
     scores,
@@ -104,12 +105,7 @@ def _dq_kernel(
     DOT_F32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
-    pid_bh = tl.program_id(1).to(tl.int64)
-    b = pid_bh // HKV
-    kvh = pid_bh % HKV
-    row_ok, n, g, blk, i, p = row_tile(pid_m * BLOCK_M, NS * GROUP, PL, b, N, NS, S, GROUP, BLOCK_M)
-    h = kvh * GROUP + g
+    b, kvh, h, row_ok, n, blk, i, p = program_row_tile(PL, NS, N, S, HKV, GROUP, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
     q, do, lse2, delta, rmask = _load_rows(Q, DO, LSE, DELTA, b, h, n, row_ok, offs_d, d_ok,
