@@ -35,8 +35,8 @@ def finite_keys(k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 
     The attention ops score such a key NaN before masking: a row that sees it turns NaN (a
     visible NaN is never hidden), while a row that cannot see it never meets its memory -
-    not even as 0 x NaN in the probability-weighted sum or in a gradient (DESIGN.md
-    section 7, "Invisible keys"). k, v: [..., L, Dh].
+    not even as 0 x NaN in the probability-weighted sum or in a gradient (the guarantee
+    FlashAttention and FlashInfer give). k, v: [..., L, Dh].
     """
     k_ok, v_ok = torch.isfinite(k), torch.isfinite(v)
     bad = ~(k_ok.all(-1) & v_ok.all(-1))

@@ -35,4 +35,6 @@ def test_nothing_points_outside():
         for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
             if OUTSIDE.search(line):
                 bad.append(f"{path.relative_to(ROOT)}:{i}: {line.strip()}")
-    assert bad == []
+    # DESIGN.md is not shipped in the repository: cite the file that holds the fact instead,
+    # e.g. an op's docstring in cacheaug_engine/ops/__init__.py or reference.finite_keys.
+    assert bad == [], "references outside the repository:\n" + "\n".join(bad)

@@ -33,7 +33,7 @@ def tanh(x):
 def finite_tile(x, AXIS: tl.constexpr):
     """(x with non-finite entries zeroed, bool vector along the other axis: that line held one).
 
-    Invisible keys (DESIGN.md section 7): a tile mixes rows that see a key with rows that do
+    Invisible keys (contract: reference.finite_keys): a tile mixes rows that see a key with rows that do
     not, and 0 x NaN = NaN inside tl.dot, so the kernels zero non-finite entries for the dots
     and score a flagged key (or row) NaN for exactly the pairs that see each other.
     """

@@ -137,7 +137,7 @@ def _partial_kernel(
         v = tl.load(vbase + n[:, None] * svt + d[None, :] * svd, mask=kv_mask, other=0.0).to(tl.float32)
         # A tile of the shared prefix serves requests whose windows differ: a key one row cannot
         # see may be visible to another. Non-finite entries are zeroed (no 0 x NaN for the rows
-        # that cannot see them) and their key scores NaN for the rows that can (DESIGN.md section 7).
+        # that cannot see them) and their key scores NaN for the rows that can (reference.finite_keys).
         k_ok = (k == k) & (tl.abs(k) < float("inf"))
         v_ok = (v == v) & (tl.abs(v) < float("inf"))
         bad = (tl.min(k_ok.to(tl.int32), axis=1) == 0) | (tl.min(v_ok.to(tl.int32), axis=1) == 0)

@@ -23,7 +23,7 @@ Masks are applied per element inside those ranges; the concatenated [T + N*S] ke
 dense masks never exist. Cost is ~ sum_k G*S*(p_k + S) per KV head, plus at most one
 partial tile per range (and, when a tile spans two blocks, the gap p_{k+1} - p_k).
 
-Invisible keys (DESIGN.md section 7): a tile mixes rows that see a key with rows that do
+Invisible keys (contract: reference.finite_keys): a tile mixes rows that see a key with rows that do
 not (block boundaries, the causal diagonal, the window, different p_k), and masking the
 probability alone is not enough (0 x NaN = NaN inside tl.dot). Every K/V tile therefore
 goes through `common.finite_tile`: non-finite entries are zeroed for the dots and the key is

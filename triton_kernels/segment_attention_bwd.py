@@ -13,7 +13,7 @@ Three launches, none with atomics, so results are bitwise deterministic:
    window end) - for all G query heads of the group. The GQA reduction therefore happens
    inside one program, in a fixed order. The prefix gets no dk/dv (frozen cache).
 
-Invisible keys and rows (DESIGN.md section 7): K/V tiles (and, in the dk/dv kernel, the
+Invisible keys and rows (contract: reference.finite_keys): K/V tiles (and, in the dk/dv kernel, the
 q/dO row tiles it mixes) go through `common.finite_tile`; a flagged key or row scores NaN for
 the pairs that see each other, and dS is masked with the visibility, so a key a row
 cannot see never reaches that row's dq, and a row never reaches the dk/dv of a key it

@@ -5,7 +5,7 @@ FlexAttention skip fully invisible tiles. It serves as a peer in benchmarks and 
 fallback on GPUs without Triton. On CUDA the kernel is compiled once per process; on the
 CPU it runs eagerly (forward only: FlexAttention has no CPU backward).
 
-Invisible keys (DESIGN.md section 7): FlexAttention multiplies masked probabilities (0) by
+Invisible keys (contract: reference.finite_keys): FlexAttention multiplies masked probabilities (0) by
 the values of partially visible tiles, so a NaN a row cannot see would still reach it
 (0 x NaN). Keys and values therefore pass through reference.finite_keys, and score_mod
 scores a key that held a non-finite value NaN: exactly the rows that see it turn NaN.

@@ -6,7 +6,7 @@ keys (block-local [S, S] scores instead of [N*S, N*S]), prefix keys past max(p_k
 never read, and the shared cascade prefix is never expanded per request. Gradients
 come from autograd (prefix gradients too, if a caller asks for them).
 
-Invisible keys (DESIGN.md section 7): keys and values pass through reference.finite_keys,
+Invisible keys (contract: reference.finite_keys): keys and values pass through reference.finite_keys,
 so a key a row cannot see never reaches it, even as 0 x NaN inside a batched einsum, and
 a key holding NaN/Inf makes exactly the rows that see it NaN.
 """
