@@ -61,6 +61,11 @@ class TrainConfig:
     scale_mode: str = setting("learned", "latent output scale", choices=("none", "fixed", "learned"))
     scale_init: float | None = setting(None, "initial latent scale (default: embedding RMS / hidden RMS)")
     soft_init: str = setting("stats", "soft-token initialisation", choices=("stats", "tokens"))
+    latents: str = setting(
+        "coprocessor",
+        "pause = the Pause Token control: a trained constant table, no coprocessor",
+        choices=("coprocessor", "pause"),
+    )
     init_from: str | None = setting(
         None, "start from this coprocessor checkpoint (its coprocessor config wins)", metavar="CKPT"
     )
@@ -114,6 +119,7 @@ class TrainConfig:
             scale_mode=self.scale_mode,
             scale_init=self.scale_init,
             soft_init=self.soft_init,
+            latents=self.latents,
         )
 
     @classmethod

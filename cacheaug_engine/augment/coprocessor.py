@@ -23,6 +23,7 @@ from .lora import DEFAULT_TARGETS, LoRALinear, add_lora, shared_clone
 
 SCALE_MODES = ("none", "fixed", "learned")
 SOFT_INITS = ("stats", "tokens")
+LATENT_KINDS = ("coprocessor", "pause")
 
 
 @dataclass
@@ -40,6 +41,9 @@ class CoprocessorConfig:
             the latents start at the size of ordinary input embeddings.
         soft_init: "stats" (Gaussian with the token embeddings' per-dim mean/std) or
             "tokens" (embeddings of random vocabulary tokens).
+        latents: "coprocessor" (latents read the cache) or "pause" (the paper's Pause Token
+            control: the soft-token table itself, times the scale, is the latent at every point;
+            no coprocessor pass, no adapters).
     """
 
     num_latents: int = 8
@@ -49,6 +53,7 @@ class CoprocessorConfig:
     scale_mode: str = "learned"
     scale_init: float | None = None
     soft_init: str = "stats"
+    latents: str = "coprocessor"
 
     def __post_init__(self) -> None:
         if self.num_latents < 1:
@@ -61,6 +66,8 @@ class CoprocessorConfig:
             raise ValueError(f"scale_mode must be one of {SCALE_MODES}, got {self.scale_mode!r}")
         if self.soft_init not in SOFT_INITS:
             raise ValueError(f"soft_init must be one of {SOFT_INITS}, got {self.soft_init!r}")
+        if self.latents not in LATENT_KINDS:
+            raise ValueError(f"latents must be one of {LATENT_KINDS}, got {self.latents!r}")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable dict."""
@@ -122,8 +129,12 @@ class Coprocessor(nn.Module):
             config = CoprocessorConfig(num_latents=num_latents, lora_rank=lora_rank, **settings)
         self.config = config
         gen = torch.Generator().manual_seed(seed)
-        model = shared_clone(decoder)
-        if config.lora_rank is None:
+        pause = config.latents == "pause"
+        # a pause table has no model: its latents never see the cache
+        model = None if pause else shared_clone(decoder)
+        if pause:
+            pass
+        elif config.lora_rank is None:
             self._make_full_copy(model)
         else:
             state = torch.random.get_rng_state()
@@ -144,6 +155,8 @@ class Coprocessor(nn.Module):
                 soft = decoder.embed(ids)[0].float()
         self.soft_tokens = nn.Parameter(soft.to(device=dev, dtype=torch.float32))
         init = config.scale_init
+        if init is None and pause:
+            init = 1.0  # the table starts at the token embeddings' statistics already
         if init is None:
             init = self._auto_scale(decoder, gen) if config.scale_mode != "none" else 1.0
             config.scale_init = init
@@ -194,9 +207,14 @@ class Coprocessor(nn.Module):
         """Where the latents go: "paper" or "early"."""
         return self.config.placement
 
+    @property
+    def is_pause(self) -> bool:
+        """True for the Pause Token control (constant latents, no coprocessor pass)."""
+        return self.config.latents == "pause"
+
     def adapters(self) -> list[LoRALinear]:
-        """The LoRA adapters (empty for a full copy)."""
-        return [m for m in self.model.modules() if isinstance(m, LoRALinear)]
+        """The LoRA adapters (empty for a full copy or a pause table)."""
+        return [] if self.model is None else [m for m in self.model.modules() if isinstance(m, LoRALinear)]
 
     def trainable_state(self) -> dict[str, Tensor]:
         """name -> tensor of everything trainable (+ the scale), detached: what a checkpoint stores."""
@@ -233,6 +251,9 @@ class Coprocessor(nn.Module):
         dtype = cache.k[0].dtype
         if torch.is_autocast_enabled(cache.k[0].device.type):
             dtype = torch.get_autocast_dtype(cache.k[0].device.type)
+        if self.model is None:  # pause: the same N_L latents at every point
+            z = self.soft_tokens.to(dtype) * self.scale().to(dtype).view(nl, 1)
+            return z.view(1, 1, nl, -1).expand(b, n, nl, -1)
         x = self.soft_tokens.to(dtype).unsqueeze(0).expand(b * n, nl, -1).reshape(b, n * nl, -1)
         hidden = self.model.forward_blocks(x, layout.copro_pos, cache, layout.prefix_lens, nl, output="hidden")
         z = hidden.view(b, n, nl, -1)

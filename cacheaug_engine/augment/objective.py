@@ -21,6 +21,7 @@ plain PyTorch loop::
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -124,10 +125,18 @@ class CacheAugmentationObjective(nn.Module):
             positions = self.sample(b, t)
         positions = check_positions(positions, t, self.ahead).to(input_ids.device)
         lay = self.layout(positions)
-        n, na, nl, s = positions.shape[1], self.ahead, lay.num_latents, lay.block_len
-        dec = self.decoder
+        cache, ce_base = self.prefill(input_ids, lay, baseline=baseline)
+        latents = self._run(self.coprocessor, cache, lay)  # [B, N, N_L, d]
+        ce = self.score(input_ids, cache, lay, latents)
+        return ObjectiveOutput(loss=ce.mean(), ce_aug=ce.detach(), ce_base=ce_base, positions=positions)
+
+    def prefill(self, input_ids: Tensor, lay: BlockLayout, *, baseline: bool = True) -> tuple[Any, Tensor]:
+        """The decoder's frozen cache of ``input_ids`` [B, T] and its own CE [B, N, N_A] (fp32) on
+        ``lay``'s targets (NaN when ``baseline`` is False). No gradient."""
+        b = input_ids.shape[0]
+        n, na = lay.positions.shape[1], lay.ahead
         with torch.no_grad():
-            logits_base, cache = dec.prefill(input_ids)[:2]
+            logits_base, cache = self.decoder.prefill(input_ids)[:2]
             if baseline:
                 rows = lay.baseline_idx.reshape(b, n * na)
                 tb = torch.gather(input_ids, 1, lay.target_idx.reshape(b, n * na))
@@ -136,15 +145,23 @@ class CacheAugmentationObjective(nn.Module):
             else:
                 ce_base = torch.full((b, n, na), float("nan"))
             del logits_base
-        latents = self._run(self.coprocessor, cache, lay)  # [B, N, N_L, d]
+        return cache, ce_base.float()
+
+    def score(self, input_ids: Tensor, cache: Any, lay: BlockLayout, latents: Tensor) -> Tensor:
+        """Per-target CE [B, N, N_A] (fp32, with grad) of the decoder given ``latents`` [B, N, N_L, d]
+        appended to ``cache`` at ``lay``'s points (any latents: a coprocessor's, a control's)."""
+        b = input_ids.shape[0]
+        n, na, nl, s = lay.positions.shape[1], lay.ahead, lay.num_latents, lay.block_len
+        if latents.shape[:3] != (b, n, nl):
+            raise ValueError(f"latents must be [{b}, {n}, {nl}, d], got {tuple(latents.shape)}")
+        dec = self.decoder
         tok_ids = torch.gather(input_ids, 1, lay.token_idx.reshape(b, -1)).view(b, n, -1)
         tok_emb = dec.embed(tok_ids.reshape(b, -1)).view(b, n, s - nl, -1)
         x = torch.cat([latents.to(tok_emb.dtype), tok_emb], dim=2).reshape(b, n * s, -1)
         hidden = self._run(self._decoder_blocks, x, lay.dec_pos, cache, lay.prefix_lens, s)
         h_t = hidden.view(b, n, s, -1)[:, :, s - na :].reshape(b * n * na, -1)
         targets = torch.gather(input_ids, 1, lay.target_idx.reshape(b, n * na)).reshape(-1)
-        ce = _chunked_ce(dec, h_t, targets).view(b, n, na)
-        return ObjectiveOutput(loss=ce.mean(), ce_aug=ce.detach(), ce_base=ce_base.float(), positions=positions)
+        return _chunked_ce(dec, h_t, targets).view(b, n, na)
 
     def _decoder_blocks(self, x: Tensor, pos: Tensor, cache: KVCache, prefix_lens: Tensor, block_len: int) -> Tensor:
         return self.decoder.forward_blocks(x, pos, cache, prefix_lens, block_len, output="hidden")

@@ -1,0 +1,126 @@
+"""Controls that tell cache augmentation from a soft prompt (DESIGN.md section 8).
+
+A gain from latents counts as cache augmentation only if it beats latents that cannot read
+the cache, on the same targets:
+
+* **pause** (the paper's Pause Token baseline): a trainable table of N_L latents, the same at
+  every point, trained by the same trainer - ``Coprocessor(..., latents="pause")``
+  (``cacheaug train --latents pause``);
+* **shuffled**: the coprocessor's latents computed from *another* sequence's cache at the same
+  points (:func:`shuffled_latents` rolls the batch by one row);
+* **mean**: the coprocessor's mean latent over a sample of training points, used everywhere
+  (:func:`mean_latent` + :class:`ConstantLatents`).
+
+:class:`LatentStats` gives the cache-dependence figure: the RMS of each point's deviation from
+the mean latent over the latent RMS (0 = a constant, i.e. a soft prompt).
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .layout import BlockLayout, block_layout, stride_positions
+
+
+class ConstantLatents(nn.Module):
+    """The same latents ``table`` [N_L, d] at every point (the "mean" control; no cache read).
+
+    Has the ``num_latents`` / ``placement`` / ``forward(cache, layout)`` interface of a
+    coprocessor, so it drops into ``CacheAugmentationObjective`` and the evaluation.
+    """
+
+    def __init__(self, table: Tensor, placement: str) -> None:
+        super().__init__()
+        if table.dim() != 2:
+            raise ValueError(f"table must be [N_L, d], got shape {tuple(table.shape)}")
+        self.register_buffer("table", table.detach().float().clone())
+        self.placement = placement
+
+    @property
+    def num_latents(self) -> int:
+        """N_L."""
+        return self.table.shape[0]
+
+    def forward(self, cache: Any, layout: BlockLayout) -> Tensor:
+        """Latents [B, N, N_L, d]: the table at every point of ``layout``."""
+        b, n = layout.prefix_lens.shape
+        return self.table.view(1, 1, *self.table.shape).expand(b, n, -1, -1)
+
+
+def shuffled_latents(latents: Tensor, shift: int = 1) -> Tensor:
+    """Row b gets row (b - shift) mod B's latents [B, N, N_L, d]: computed from another sequence's
+    cache at the same point index. Needs B >= 2 (with one row there is no other cache)."""
+    b = latents.shape[0]
+    if b < 2:
+        raise ValueError(f"the shuffled control needs a batch of >= 2 sequences, got {b}")
+    if shift % b == 0:
+        raise ValueError(f"shift {shift} maps every row of a batch of {b} onto itself")
+    return latents.roll(shift, dims=0)
+
+
+@torch.no_grad()
+def mean_latent(
+    coprocessor: nn.Module,
+    decoder: nn.Module,
+    sequences: Tensor,
+    *,
+    ahead: int,
+    stride: int | None = None,
+    batch_size: int = 4,
+    autocast_dtype: torch.dtype | None = None,
+) -> Tensor:
+    """The coprocessor's mean latent fp32 [N_L, d] over evenly spaced points of ``sequences``
+    [n, T] (pass TRAINING sequences: the control must not see held-out text)."""
+    if sequences.shape[0] == 0:
+        raise ValueError("mean_latent needs at least one sequence")
+    stride = stride or ahead
+    t = sequences.shape[1]
+    dev = next(iter(coprocessor.parameters())).device
+    total, count = None, 0
+    for i in range(0, sequences.shape[0], batch_size):
+        ids = sequences[i : i + batch_size].to(dev)
+        pos = stride_positions(ids.shape[0], t, ahead, stride=stride, start=min(stride, t - ahead), device=dev)
+        lay = block_layout(pos, coprocessor.num_latents, ahead, coprocessor.placement)
+        ctx = torch.autocast(dev.type, dtype=autocast_dtype) if autocast_dtype else nullcontext()
+        with ctx:
+            cache = decoder.prefill(ids)[1]
+            z = coprocessor(cache, lay).float()
+        s = z.sum((0, 1)).double()
+        total = s if total is None else total + s
+        count += z.shape[0] * z.shape[1]
+    return (total / count).float()
+
+
+class LatentStats:
+    """Streaming cache-dependence figure over latents [B, N, N_L, d].
+
+    ``ratio()`` = RMS over points (and dims) of z - mean(z) per slot, over the RMS of z:
+    0 when every point gets the same latents.
+    """
+
+    def __init__(self) -> None:
+        self.sum: Tensor | None = None  # [N_L, d] float64
+        self.sum_sq = 0.0
+        self.count = 0
+
+    def update(self, latents: Tensor) -> None:
+        """Add the points of ``latents`` [B, N, N_L, d]."""
+        z = latents.detach().double().flatten(0, 1)  # [P, N_L, d]
+        s = z.sum(0).cpu()
+        self.sum = s if self.sum is None else self.sum + s
+        self.sum_sq += float(z.pow(2).sum())
+        self.count += z.shape[0]
+
+    def ratio(self) -> float:
+        """Deviation RMS / latent RMS (NaN before any update)."""
+        if self.sum is None or self.count == 0:
+            return float("nan")
+        numel = self.sum.numel()
+        ms = self.sum_sq / (self.count * numel)
+        mean = self.sum / self.count
+        dev_ms = max(ms - float(mean.pow(2).sum()) / numel, 0.0)
+        return (dev_ms / ms) ** 0.5 if ms > 0 else float("nan")

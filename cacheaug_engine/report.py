@@ -1,0 +1,211 @@
+"""Controlled held-out evaluation: coprocessor against the decoder alone and the controls.
+
+``evaluate_controls`` scores the same targets (evenly spaced points in every held-out
+sequence) with the decoder alone, the coprocessor's latents, and the controls of
+``augment.controls`` (pause, shuffled, mean), sharing one prefill per batch. It keeps the
+per-sequence mean CE per position of every method, so intervals are paired and use the
+sequence as the unit (points of one sequence are not independent).
+
+``controls_table`` turns that into per-position perplexities and the coprocessor's paired
+change against each reference with a 95% interval; ``format_controls`` prints it and
+``plot_controls`` draws it.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .augment.controls import LatentStats, shuffled_latents
+from .augment.layout import block_layout, stride_positions
+from .augment.objective import CacheAugmentationObjective
+
+METHODS = ("decoder", "pause", "coprocessor", "shuffled", "mean")
+REFERENCES = ("decoder", "pause", "shuffled", "mean")
+Z95 = 1.959964
+
+
+def _batches(n: int, batch_size: int, min_rows: int) -> list[tuple[int, int]]:
+    """[start, end) chunks of at most ``batch_size`` rows; a short last chunk is merged into the previous."""
+    out = [(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
+    if len(out) > 1 and out[-1][1] - out[-1][0] < min_rows:
+        (a, _), (_, e) = out[-2], out[-1]
+        out[-2:] = [(a, e)]
+    return out
+
+
+@torch.no_grad()
+def evaluate_controls(
+    objective: CacheAugmentationObjective,
+    sequences: Tensor,
+    *,
+    pause: nn.Module | None = None,
+    mean_table: nn.Module | None = None,
+    shuffled: bool = True,
+    batch_size: int = 4,
+    stride: int | None = None,
+    max_positions: int | None = None,
+    autocast_dtype: torch.dtype | None = None,
+    progress: Any = None,
+) -> dict[str, Any]:
+    """Per-sequence mean CE per position of every method on ``sequences`` [n, T].
+
+    Args:
+        objective: decoder + coprocessor (its ``ahead`` = positions scored).
+        pause: a pause-table coprocessor (``latents="pause"``), or None to leave it out.
+        mean_table: e.g. ``ConstantLatents(mean_latent(...))``, or None.
+        shuffled: also score the coprocessor's latents rolled by one row of the batch.
+        stride: points at stride, 2*stride, ... (default N_A).
+
+    Returns {"ahead", "ce": {method: list [n][N_A]}, "methods", "cache_dependence",
+    "num_sequences", "points_per_sequence", "seconds"}.
+    """
+    n, t = sequences.shape
+    if n == 0:
+        raise ValueError("no held-out sequences to evaluate (use more data or a larger held-out fraction)")
+    if shuffled and n < 2:
+        raise ValueError("the shuffled control needs at least 2 held-out sequences")
+    was_training = objective.training
+    objective.eval()
+    na = objective.ahead
+    stride = stride or na
+    cop = objective.coprocessor
+    dev = next(iter(cop.parameters())).device
+    rows: dict[str, list[Tensor]] = {"decoder": [], "coprocessor": []}
+    extra = {"pause": pause, "mean": mean_table}
+    for name in ("pause", "shuffled", "mean"):
+        if (name == "shuffled" and shuffled) or extra.get(name) is not None:
+            rows[name] = []
+    stats = LatentStats()
+    npts = 0
+    t0 = time.perf_counter()
+    for a, e in _batches(n, batch_size, 2 if shuffled else 1):
+        ids = sequences[a:e].to(dev)
+        pos = stride_positions(
+            ids.shape[0], t, na, stride=stride, start=min(stride, t - na), max_positions=max_positions, device=dev
+        )
+        npts = pos.shape[1]
+        ctx = torch.autocast(dev.type, dtype=autocast_dtype) if autocast_dtype else nullcontext()
+        with ctx:
+            lay = objective.layout(pos)
+            cache, ce_base = objective.prefill(ids, lay)
+            z = cop(cache, lay)
+            stats.update(z)
+            ces = {"decoder": ce_base, "coprocessor": objective.score(ids, cache, lay, z)}
+            if shuffled:
+                ces["shuffled"] = objective.score(ids, cache, lay, shuffled_latents(z))
+            for name, src in extra.items():
+                if src is not None:
+                    lay_c = block_layout(pos, src.num_latents, na, src.placement)
+                    ces[name] = objective.score(ids, cache, lay_c, src(cache, lay_c))
+        for name, ce in ces.items():
+            rows[name].append(ce.double().mean(1).cpu())  # [b, N_A]: per-sequence mean over its points
+        if progress is not None:
+            progress(ids.shape[0])
+    objective.train(was_training)
+    return {
+        "ahead": na,
+        "methods": [m for m in METHODS if m in rows],
+        "ce": {k: torch.cat(v).tolist() for k, v in rows.items()},
+        "cache_dependence": stats.ratio(),
+        "num_sequences": n,
+        "points_per_sequence": npts,
+        "seconds": time.perf_counter() - t0,
+    }
+
+
+def paired_interval(a: Tensor, b: Tensor) -> tuple[float, float, float]:
+    """Mean of a - b over rows (the unit) and its 95% normal interval: (mean, lo, hi), in CE nats."""
+    d = (a.double() - b.double()).flatten()
+    m = float(d.mean())
+    if d.numel() < 2:
+        return m, float("nan"), float("nan")
+    half = Z95 * float(d.std(unbiased=True)) / math.sqrt(d.numel())
+    return m, m - half, m + half
+
+
+def _pct(x: float) -> float:
+    return 100.0 * math.expm1(x)
+
+
+def controls_table(result: dict[str, Any], *, mean_upto: int | None = None) -> dict[str, Any]:
+    """Per-position rows from :func:`evaluate_controls` (positions 1..N_A, then "mean 1-K").
+
+    Returns {"positions", "ce": {method: [...]}, "ppl": {method: [...]}, "change_pct":
+    {reference: [(change, lo, hi), ...]} (coprocessor's paired perplexity change in %, with its
+    95% interval), "cache_dependence", "num_sequences", "points_per_sequence"}.
+    """
+    na = result["ahead"]
+    k = min(mean_upto or na, na)
+    ce = {m: torch.tensor(v, dtype=torch.float64) for m, v in result["ce"].items()}  # [n, N_A]
+    cols = {m: [v[:, i] for i in range(na)] + [v[:, :k].mean(1)] for m, v in ce.items()}
+    positions: list[Any] = list(range(1, na + 1)) + [f"mean 1-{k}"]
+    out: dict[str, Any] = {
+        "positions": positions,
+        "ce": {m: [float(c.mean()) for c in cs] for m, cs in cols.items()},
+        "change_pct": {},
+        "cache_dependence": result.get("cache_dependence"),
+        "num_sequences": result.get("num_sequences"),
+        "points_per_sequence": result.get("points_per_sequence"),
+    }
+    out["ppl"] = {m: [math.exp(x) for x in v] for m, v in out["ce"].items()}
+    for ref in REFERENCES:
+        if ref in cols and "coprocessor" in cols:
+            trip = [paired_interval(c, r) for c, r in zip(cols["coprocessor"], cols[ref], strict=True)]
+            out["change_pct"][ref] = [tuple(_pct(x) for x in tr) for tr in trip]
+    return out
+
+
+def format_controls(table: dict[str, Any], title: str | None = None) -> str:
+    """Aligned text: perplexity per method, then the coprocessor's change vs each reference [95% CI]."""
+    methods = [m for m in METHODS if m in table["ppl"]]
+    refs = [r for r in REFERENCES if r in table["change_pct"]]
+    lines = [title] if title else []
+    head = f"{'position':>9} " + " ".join(f"{m:>11}" for m in methods)
+    head += "   " + " ".join(f"{'copro vs ' + r:>27}" for r in refs)
+    lines.append(head)
+    for i, p in enumerate(table["positions"]):
+        row = f"{p!s:>9} " + " ".join(f"{table['ppl'][m][i]:>11.3f}" for m in methods) + "   "
+        cells = []
+        for r in refs:
+            c, lo, hi = table["change_pct"][r][i]
+            cells.append(f"{c:+6.2f}% [{lo:+6.2f}, {hi:+6.2f}]".rjust(27))
+        lines.append(row + " ".join(cells))
+    lines.append(
+        f"perplexity per method; change = coprocessor's paired perplexity change in % with a 95% interval "
+        f"over {table['num_sequences']} sequences ({table['points_per_sequence']} points each). "
+        f"Cache dependence (RMS of per-point latent deviation / latent RMS): {table['cache_dependence']:.4f}"
+    )
+    return "\n".join(lines)
+
+
+def plot_controls(table: dict[str, Any], path: str | Path, *, title: str = "") -> Path:
+    """PNG: perplexity per position for every method (Agg backend)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pos = [p for p in table["positions"] if isinstance(p, int)]
+    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=110)
+    style = {"decoder": "k--o", "pause": "-s", "coprocessor": "-o", "shuffled": ":^", "mean": ":v"}
+    for m in METHODS:
+        if m in table["ppl"]:
+            ax.plot(pos, table["ppl"][m][: len(pos)], style[m], label=m)
+    ax.set_xlabel("position after the augmentation point")
+    ax.set_ylabel("held-out perplexity")
+    ax.set_title(title or f"coprocessor vs controls (cache dependence {table['cache_dependence']:.3f})")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
