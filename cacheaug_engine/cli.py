@@ -181,6 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--data", nargs="+", metavar="FILE", help="text / .jsonl files (default: as in training)")
     e.add_argument("--seq-len", type=int, help="sequence length (default: as in training)")
     e.add_argument("--ahead", type=int, help="N_A positions scored (default: as in training)")
+    e.add_argument("--pause", metavar="CKPT", help="a pause-table checkpoint (--latents pause) to compare against")
     e.add_argument("--eval-seqs", type=int, default=64, help="held-out sequences to score")
     e.add_argument("--batch-size", type=int, default=4)
     e.add_argument("--device", default="auto")

@@ -5,10 +5,12 @@ The demo, on the default decoder (SmolLM2-135M) and the default text (Python's d
 1. starts from the coprocessor shipped in ``cacheaug_engine/assets`` (trained by this
    package's own trainer on the *training* split; the command that made it is recorded
    beside it) or, with ``--from-scratch``, from a fresh one;
-2. trains / fine-tunes it for a few steps on the training split;
-3. evaluates held-out per-position perplexity with and without latents (positions 1..8 after
-   augmentation points every 8 tokens) on documents that neither the shipped model nor the
-   fine-tuning saw;
+2. trains / fine-tunes it for a few steps on the training split, and the Pause Token control
+   (the shipped pause table, trained on the coprocessor's budget, or a fresh one) for as many;
+3. evaluates held-out per-position perplexity (positions 1..8 after augmentation points every
+   8 tokens) on documents that neither the shipped models nor the fine-tuning saw, for the
+   decoder alone, the pause control, the coprocessor, and the shuffled and mean controls
+   (``report.run_controls``), with the coprocessor's paired change against each;
 4. prints the table and one augmented vs plain generation, and writes OUT/report.json,
    OUT/ppl.png and OUT/checkpoint.
 
@@ -19,13 +21,15 @@ from __future__ import annotations
 
 import platform
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
 ASSET_DIR = Path(__file__).parent / "assets" / "smollm2-coprocessor"
+PAUSE_DIR = Path(__file__).parent / "assets" / "smollm2-pause"  # the Pause Token control, same budget
+MEAN_SAMPLE = 32  # training sequences whose points give the "mean" control's latent
 
 # Demo defaults: (CPU, GPU). The coprocessor settings must match the shipped asset to use it.
 DEMO_DEFAULTS: dict[str, Any] = dict(
@@ -55,15 +59,21 @@ def shipped_coprocessor() -> Path | None:
     return ASSET_DIR if (ASSET_DIR / "state.json").is_file() else None
 
 
+def shipped_pause() -> Path | None:
+    """The shipped pause-table baseline (trained on the coprocessor's budget), if this build has one."""
+    return PAUSE_DIR if (PAUSE_DIR / "state.json").is_file() else None
+
+
 def run_demo(args: Any) -> int:
     """Run the demo (see module docstring). Returns the exit code."""
     from .augment.objective import CacheAugmentationObjective
     from .checkpoint import load_checkpoint
     from .cli_args import UsageError, train_config_from_args
     from .data import decode, encode, eos_id, load_corpus
-    from .evaluate import evaluate_objective, format_table, plot_tables, report_table, write_json
+    from .evaluate import write_json
     from .generate import generate
     from .preflight import check_int, check_run_inputs, eval_ahead_range
+    from .report import format_controls, plot_controls, run_controls, summary
     from .startup import autocast_dtype, load_model, load_tok, pick_device
     from .train import train
 
@@ -114,6 +124,12 @@ def run_demo(args: Any) -> int:
 
     t = time.perf_counter()
     res = train(cfg, decoder=decoder, corpus=corpus, progress=not args.no_progress)
+    # the Pause Token control gets the same steps, data and schedule (from the shipped pause table
+    # when the coprocessor started from the shipped one)
+    pause_from = shipped_pause() if cfg.init_from and cfg.init_from == str(asset) else None
+    pcfg = replace(cfg, latents="pause", init_from=str(pause_from) if pause_from else None, out=str(out / "pause"))
+    print(f"pause control: {'from ' + str(pause_from) if pause_from else 'a fresh table'}, {cfg.steps} steps")
+    pres = train(pcfg, decoder=decoder, corpus=corpus, progress=not args.no_progress)
     t_train = time.perf_counter() - t
 
     held = corpus.heldout[: cfg.eval_seqs]
@@ -121,14 +137,16 @@ def run_demo(args: Any) -> int:
     t = time.perf_counter()
     amp = autocast_dtype(dev)
     eval_obj = CacheAugmentationObjective(decoder, res.coprocessor, ahead=eval_ahead)
-    ev = evaluate_objective(eval_obj, held, batch_size=cfg.batch_size, autocast_dtype=amp)
-    tab = report_table(ev)
+    ev, tab = run_controls(
+        eval_obj, held, corpus.train[:MEAN_SAMPLE], pause=pres.coprocessor, batch_size=cfg.batch_size,
+        autocast_dtype=amp,
+    )
     t_eval = time.perf_counter() - t
     print(
-        format_table(
+        format_controls(
             tab,
-            f"\nheld-out perplexity by position after the augmentation point "
-            f"(N_L={cfg.num_latents}, {ev['num_targets_per_position']} targets per position)",
+            f"\nheld-out perplexity by position after the augmentation point (N_L={cfg.num_latents}; "
+            f"decoder alone, pause control, coprocessor, shuffled and mean controls)",
         )
     )
 
@@ -148,26 +166,15 @@ def run_demo(args: Any) -> int:
     plain_text, aug_text = decode(tok, plain.tokens[0]), decode(tok, aug.tokens[0])
     print(f"\nprompt: {prompt_text!r}\n  plain:     {plain_text!r}\n  augmented: {aug_text!r}")
 
-    label = f"augmented (N_L={cfg.num_latents})"
-    plot_tables(
-        {label: tab},
+    plot_controls(
+        tab,
         out / "ppl.png",
-        title="SmolLM2-135M + coprocessor, held-out Python docs" if cfg.model == "default" else "",
+        title="SmolLM2-135M: coprocessor vs controls, held-out Python docs" if cfg.model == "default" else "",
     )
     timings = {"load": t_load, "train": t_train, "eval": t_eval, "generate": t_gen, "total": time.perf_counter() - t0}
     report = {
-        **{
-            k: tab[k]
-            for k in (
-                "positions",
-                "baseline_ppl",
-                "augmented_ppl",
-                "relative_change_pct",
-                "baseline_ce",
-                "augmented_ce",
-            )
-        },
-        "position1_change_pct": tab["relative_change_pct"][0],
+        "controls": tab,
+        "summary": summary(tab),
         "settings": {
             **asdict(cfg),
             "coprocessor": res.coprocessor.config.to_dict(),
@@ -177,10 +184,10 @@ def run_demo(args: Any) -> int:
         },
         "heldout": {
             "sequences": int(held.shape[0]),
-            "targets_per_position": ev["num_targets_per_position"],
+            "points_per_sequence": ev["points_per_sequence"],
             "documents": corpus.num_docs[1],
         },
-        "training": {"steps": len(res.history), "history": res.history},
+        "training": {"steps": len(res.history), "history": res.history, "pause_history": pres.history},
         "generation": {"prompt": prompt_text, "plain": plain_text, "augmented": aug_text},
         "timings_s": timings,
         "machine": {

@@ -188,12 +188,16 @@ def run_eval_cli(args: Any) -> int:
     from .checkpoint import load_checkpoint
     from .data import load_corpus
     from .preflight import check_data_files, check_int, probe_writable_dir
+    from .report import format_controls, plot_controls, run_controls, summary
     from .startup import autocast_dtype, coprocessor_from_checkpoint, load_model, load_tok, pick_device, train_config_of
 
     # everything is checked before the decoder is loaded (checkpoints are small: read them first)
     check_int(args.eval_seqs, "--eval-seqs", 1)
     check_int(args.batch_size, "--batch-size", 1)
     ckpts = [load_checkpoint(p, with_optimizer=False) for p in args.checkpoints]
+    pause_ck = load_checkpoint(args.pause, with_optimizer=False) if getattr(args, "pause", None) else None
+    if pause_ck is not None and pause_ck.coprocessor_config.get("latents") != "pause":
+        raise ValueError(f"--pause: {args.pause} is not a pause-table checkpoint (train it with --latents pause)")
     configs = [train_config_of(ck) for ck in ckpts]
     first = configs[0]
     model_spec = args.model or first.model
@@ -212,32 +216,33 @@ def run_eval_cli(args: Any) -> int:
     corpus = load_corpus(tok, seq_len, files=data or None, heldout_frac=first.heldout_frac)
     held = corpus.heldout[: args.eval_seqs]
     print(f"held-out: {held.shape[0]} sequences of {seq_len} tokens")
-    tables: dict[str, dict[str, Any]] = {}
+    pause = coprocessor_from_checkpoint(decoder, pause_ck, device=dev) if pause_ck is not None else None
     results = []
-    for ck, ahead in zip(ckpts, aheads, strict=True):
+    for j, (ck, ahead) in enumerate(zip(ckpts, aheads, strict=True)):
         cop = coprocessor_from_checkpoint(decoder, ck, device=dev)
         obj = CacheAugmentationObjective(decoder, cop, ahead=ahead)
-        res = evaluate_objective(obj, held, batch_size=args.batch_size, autocast_dtype=autocast_dtype(dev))
-        tab = report_table(res)
+        res, tab = run_controls(
+            obj, held, corpus.train[:32], pause=pause, batch_size=args.batch_size, autocast_dtype=autocast_dtype(dev)
+        )
         label = f"N_L={cop.num_latents} ({Path(ck.path).parent.name or ck.path})"
-        if label in tables:
-            label = f"{label} [{len(tables)}]"
-        tables[label] = tab
-        print(format_table(tab, f"{label}: step {ck.state.get('step')}, {res['seconds']:.1f}s"))
+        print(format_controls(tab, f"{label}: step {ck.state.get('step')}, {res['seconds']:.1f}s"))
+        png = plot_controls(tab, out / (f"ppl_{j}.png" if len(ckpts) > 1 else "ppl.png"), title=label)
         results.append(
             {
                 "checkpoint": str(ck.path),
                 "label": label,
                 "step": ck.state.get("step"),
                 "coprocessor": ck.coprocessor_config,
-                **res,
-                **tab,
+                "pause": str(pause_ck.path) if pause_ck is not None else None,
+                "summary": summary(tab),
+                "controls": tab,
+                "per_sequence_ce": res["ce"],
+                "plot": str(png),
             }
         )
     write_json(
         {"model": model_spec, "seq_len": seq_len, "heldout_sequences": int(held.shape[0]), "results": results},
         out / "eval.json",
     )
-    plot_tables(tables, out / "ppl.png")
-    print(f"wrote {out / 'eval.json'} and {out / 'ppl.png'}")
+    print(f"wrote {out / 'eval.json'} and the plots in {out}")
     return 0

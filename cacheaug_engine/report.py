@@ -209,3 +209,55 @@ def plot_controls(table: dict[str, Any], path: str | Path, *, title: str = "") -
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def run_controls(
+    objective: CacheAugmentationObjective,
+    heldout: Tensor,
+    train_sample: Tensor,
+    *,
+    pause: nn.Module | None = None,
+    batch_size: int = 4,
+    autocast_dtype: torch.dtype | None = None,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Evaluate ``objective``'s coprocessor and the controls on ``heldout``: the mean control is the
+    coprocessor's mean latent over ``train_sample`` (training sequences). Returns (result, table).
+
+    A pause table passed as the objective's own coprocessor is scored alone (no shuffled / mean:
+    its latents never read a cache)."""
+    from .augment.controls import ConstantLatents, mean_latent
+
+    cop = objective.coprocessor
+    is_pause = bool(getattr(cop, "is_pause", False))
+    mean_table = None
+    if not is_pause and train_sample.shape[0] > 0:
+        table = mean_latent(
+            cop, objective.decoder, train_sample, ahead=objective.ahead, batch_size=batch_size,
+            autocast_dtype=autocast_dtype,
+        )
+        mean_table = ConstantLatents(table, cop.placement)
+    res = evaluate_controls(
+        objective,
+        heldout,
+        pause=pause,
+        mean_table=mean_table,
+        shuffled=not is_pause and heldout.shape[0] >= 2,
+        batch_size=batch_size,
+        autocast_dtype=autocast_dtype,
+    )
+    return res, controls_table(res)
+
+
+def summary(table: dict[str, Any]) -> dict[str, Any]:
+    """The headline numbers: position 1 and the mean row, per method (ppl) and per reference
+    (coprocessor's change in % with its 95% interval)."""
+    out: dict[str, Any] = {}
+    for i, key in ((0, "position1"), (-1, "mean")):
+        out[key] = {
+            "position": table["positions"][i],
+            "ppl": {m: v[i] for m, v in table["ppl"].items()},
+            "ce": {m: v[i] for m, v in table["ce"].items()},
+            "change_pct": {r: list(v[i]) for r, v in table["change_pct"].items()},
+        }
+    out["cache_dependence"] = table["cache_dependence"]
+    return out

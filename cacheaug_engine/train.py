@@ -172,6 +172,8 @@ def train(
         num_positions=cfg.positions,
         grad_checkpoint=cfg.grad_checkpoint,
         min_prefix=cfg.min_prefix,
+        contrast=cfg.contrast,
+        contrast_margin=cfg.contrast_margin,
     )
     objective.generator.manual_seed(cfg.seed + 1)
     model = wrap(objective, ctx) if ctx else objective

@@ -66,6 +66,9 @@ class TrainConfig:
         "pause = the Pause Token control: a trained constant table, no coprocessor",
         choices=("coprocessor", "pause"),
     )
+    center: bool = setting(False, "latents = trained constant + the coprocessor's deviation from its mean latent")
+    contrast: float = setting(0.0, "weight of a hinge term: CE with real latents below CE with shuffled ones")
+    contrast_margin: float = setting(0.0, "margin (nats) of the contrast hinge")
     init_from: str | None = setting(
         None, "start from this coprocessor checkpoint (its coprocessor config wins)", metavar="CKPT"
     )
@@ -120,6 +123,7 @@ class TrainConfig:
             scale_init=self.scale_init,
             soft_init=self.soft_init,
             latents=self.latents,
+            center=self.center,
         )
 
     @classmethod

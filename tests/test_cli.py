@@ -59,10 +59,17 @@ def test_train_resume_eval_generate(setup, tmp_path, capsys, monkeypatch):
     assert json.loads((out / "checkpoint" / "state.json").read_text())["step"] == 3
     ev = tmp_path / "ev"
     ck = str(out / "checkpoint")
-    assert main(["eval", ck, ck, "--eval-seqs", "2", "--out", str(ev), "--device", "cpu"]) == 0
+    pz = tmp_path / "pause"
+    assert main(["train", *common, "--steps", "1", "--latents", "pause", "--out", str(pz)]) == 0
+    pck = str(pz / "checkpoint")
+    assert main(["eval", ck, ck, "--pause", pck, "--eval-seqs", "2", "--out", str(ev), "--device", "cpu"]) == 0
     res = json.loads((ev / "eval.json").read_text())
-    assert len(res["results"]) == 2 and res["results"][0]["positions"] == [1, 2, "mean"]
-    assert (ev / "ppl.png").stat().st_size > 0
+    tab = res["results"][0]["controls"]
+    assert len(res["results"]) == 2 and tab["positions"] == [1, 2, 3, "mean 1-3"]
+    assert set(tab["ppl"]) == {"decoder", "pause", "coprocessor", "shuffled", "mean"}
+    assert set(tab["change_pct"]) == {"decoder", "pause", "shuffled", "mean"}
+    assert (ev / "ppl_0.png").stat().st_size > 0
+    assert main(["eval", ck, "--pause", ck, "--out", str(ev), "--device", "cpu"]) == 2  # not a pause table
     lat = tmp_path / "lat.safetensors"
     args = ["generate", "--checkpoint", ck, "--prompt", "Line 3: cache", "--max-new-tokens", "4", "--device", "cpu"]
     assert main([*args, "--save-latents", str(lat)]) == 0
@@ -105,8 +112,12 @@ def test_demo_tiny(setup, tmp_path, monkeypatch):
     ]
     assert main(argv) == 0
     rep = json.loads((out / "report.json").read_text())
-    assert len(rep["positions"]) == len(rep["baseline_ppl"]) == len(rep["augmented_ppl"])
+    tab = rep["controls"]
+    assert set(tab["ppl"]) == {"decoder", "pause", "coprocessor", "shuffled", "mean"}
+    assert all(len(v) == len(tab["positions"]) for v in tab["ppl"].values())
+    assert set(rep["summary"]["mean"]["change_pct"]) == {"decoder", "pause", "shuffled", "mean"}
     assert rep["settings"]["placement"] == "paper" and rep["training"]["steps"] == 2
+    assert len(rep["training"]["pause_history"]) == 2
     assert (out / "ppl.png").is_file() and (out / "checkpoint" / "coprocessor.safetensors").is_file()
 
 

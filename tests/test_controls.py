@@ -120,12 +120,58 @@ def test_evaluate_controls_end_to_end(dec, tmp_path):
     pos = stride_positions(5, 32, 4, stride=4, start=4)
     out = obj(held, pos)
     torch.testing.assert_close(
-        torch.tensor(res["ce"]["coprocessor"]), out.ce_aug.double().mean(1), rtol=1e-5, atol=1e-5
+        torch.tensor(res["ce"]["coprocessor"], dtype=torch.float64), out.ce_aug.double().mean(1), rtol=1e-5, atol=1e-5
     )
-    torch.testing.assert_close(torch.tensor(res["ce"]["decoder"]), out.ce_base.double().mean(1))
+    torch.testing.assert_close(torch.tensor(res["ce"]["decoder"], dtype=torch.float64), out.ce_base.double().mean(1))
     assert 0 < res["cache_dependence"] < 1
     tab = controls_table(res)
     assert set(tab["change_pct"]) == {"decoder", "pause", "shuffled", "mean"}
     text = format_controls(tab, "title")
     assert "copro vs pause" in text and "mean 1-4" in text
     assert plot_controls(tab, tmp_path / "c.png").stat().st_size > 0
+
+
+def test_centered_coprocessor_constant_is_the_table(dec):
+    cop = Coprocessor(dec, 2, lora_rank=4, center=True)
+    ids = _ids(3, 32, seed=6)
+    lay = block_layout(stride_positions(3, 32, 4, stride=4, start=4), 2, 4, "paper")
+    cache = dec.prefill(ids)[1]
+    cop.train()
+    z = cop(cache, lay)
+    # training: the points' mean latent is exactly the trainable table; the first update sets the running mean
+    torch.testing.assert_close(z.mean((0, 1)), cop.base_latents, rtol=1e-5, atol=1e-5)
+    assert float(cop.mean_updates) == 1 and float(cop.latent_mean.abs().sum()) > 0
+    cop.eval()
+    torch.testing.assert_close(cop(cache, lay), z, rtol=1e-5, atol=1e-5)  # same batch: running mean = batch mean
+    assert {"latent_mean", "mean_updates", "base_latents"} <= set(cop.trainable_state())
+
+
+def test_contrast_term(dec):
+    cop = Coprocessor(dec, 2, lora_rank=4)
+    ids = _ids(3, 32, seed=7)
+    pos = stride_positions(3, 32, 4, stride=8, start=4)
+    plain = CacheAugmentationObjective(dec, cop, ahead=4)(ids, pos)
+    obj = CacheAugmentationObjective(dec, cop, ahead=4, contrast=2.0, contrast_margin=0.5)
+    out = obj(ids, pos)
+    z = cop(dec.prefill(ids)[1], obj.layout(pos))
+    other = obj.score(ids, dec.prefill(ids)[1], obj.layout(pos), shuffled_latents(z))
+    gap = out.ce_aug.mean(-1) - other.detach().mean(-1)
+    expect = plain.loss + 2.0 * torch.relu(gap + 0.5).mean()
+    torch.testing.assert_close(out.loss.detach(), expect.detach(), rtol=1e-5, atol=1e-5)
+
+
+def test_addition_task(tmp_path):
+    import json
+
+    from cacheaug_engine.tasks import task_documents, write_task
+
+    docs = task_documents("addition", docs=3, per_doc=4, digits=3, seed=1)
+    assert docs == task_documents("addition", docs=3, per_doc=4, digits=3, seed=1)
+    for line in "\n".join(docs).splitlines():
+        lhs, c = line.split("=")
+        a, b = lhs.split("+")
+        assert len(a) == len(b) == 3 and int(a) + int(b) == int(c)
+    p = write_task(tmp_path / "t.jsonl", docs=2, per_doc=2)
+    assert [json.loads(x)["text"].count("\n") for x in p.read_text().splitlines()] == [1, 1]
+    with pytest.raises(ValueError, match="task must be one of"):
+        task_documents("subtraction")

@@ -21,7 +21,9 @@ def test_demo_smollm2_short(tmp_path):
         == 0
     )
     rep = json.loads((out / "report.json").read_text())
-    assert rep["positions"] == [1, 2, 4, 8, "mean"]
-    assert len(rep["baseline_ppl"]) == len(rep["augmented_ppl"]) == 5
+    tab = rep["controls"]
+    assert tab["positions"] == [1, 2, 3, 4, 5, 6, 7, 8, "mean 1-8"]
+    assert set(tab["ppl"]) == {"decoder", "pause", "coprocessor", "shuffled", "mean"}
     assert rep["settings"]["started_from"] == (str(shipped_coprocessor()) if shipped_coprocessor() else "fresh")
-    assert all(v > 1 for v in rep["baseline_ppl"] + rep["augmented_ppl"])
+    assert all(v > 1 for vs in tab["ppl"].values() for v in vs)
+    assert 0 <= rep["summary"]["cache_dependence"] < 1

@@ -81,6 +81,8 @@ def mean_latent(
     t = sequences.shape[1]
     dev = next(iter(coprocessor.parameters())).device
     total, count = None, 0
+    was_training = coprocessor.training
+    coprocessor.eval()  # e.g. a centred coprocessor must not update its running mean here
     for i in range(0, sequences.shape[0], batch_size):
         ids = sequences[i : i + batch_size].to(dev)
         pos = stride_positions(ids.shape[0], t, ahead, stride=stride, start=min(stride, t - ahead), device=dev)
@@ -92,6 +94,7 @@ def mean_latent(
         s = z.sum((0, 1)).double()
         total = s if total is None else total + s
         count += z.shape[0] * z.shape[1]
+    coprocessor.train(was_training)
     return (total / count).float()
 
 

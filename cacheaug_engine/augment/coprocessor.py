@@ -44,6 +44,10 @@ class CoprocessorConfig:
         latents: "coprocessor" (latents read the cache) or "pause" (the paper's Pause Token
             control: the soft-token table itself, times the scale, is the latent at every point;
             no coprocessor pass, no adapters).
+        center: latents = a trainable constant table (a pause table) + the coprocessor's per-point
+            deviation from its mean latent (the batch mean in training, a running mean of it in
+            eval), so the constant cannot pass for augmentation and the coprocessor's gradient
+            comes only from what varies with the cache.
     """
 
     num_latents: int = 8
@@ -54,6 +58,7 @@ class CoprocessorConfig:
     scale_init: float | None = None
     soft_init: str = "stats"
     latents: str = "coprocessor"
+    center: bool = False
 
     def __post_init__(self) -> None:
         if self.num_latents < 1:
@@ -154,6 +159,12 @@ class Coprocessor(nn.Module):
             with torch.no_grad():
                 soft = decoder.embed(ids)[0].float()
         self.soft_tokens = nn.Parameter(soft.to(device=dev, dtype=torch.float32))
+        if config.center and not pause:
+            mean, std = _embedding_stats(decoder, gen)
+            base = mean + std * torch.randn(config.num_latents, d, generator=gen).to(mean.device)
+            self.base_latents = nn.Parameter(base.to(device=dev, dtype=torch.float32))
+            self.register_buffer("latent_mean", torch.zeros(config.num_latents, d, device=dev))
+            self.register_buffer("mean_updates", torch.zeros((), device=dev))
         init = config.scale_init
         if init is None and pause:
             init = 1.0  # the table starts at the token embeddings' statistics already
@@ -220,12 +231,15 @@ class Coprocessor(nn.Module):
         """name -> tensor of everything trainable (+ the scale), detached: what a checkpoint stores."""
         out = {n: p.detach() for n, p in self.named_parameters() if p.requires_grad}
         out["log_scale"] = self.log_scale.detach()
+        if self.config.center and self.model is not None:
+            out["latent_mean"], out["mean_updates"] = self.latent_mean.detach(), self.mean_updates.detach()
         return out
 
     def load_trainable_state(self, state: dict[str, Tensor], strict: bool = True) -> None:
         """Load tensors written by :meth:`trainable_state` (shapes must match)."""
         own = dict(self.named_parameters())
         own["log_scale"] = self.log_scale
+        own.update({k: v for k, v in self.named_buffers() if k in ("latent_mean", "mean_updates")})
         missing = [k for k in self.trainable_state() if k not in state]
         unexpected = [k for k in state if k not in own]
         if strict and (missing or unexpected):
@@ -256,8 +270,22 @@ class Coprocessor(nn.Module):
             return z.view(1, 1, nl, -1).expand(b, n, nl, -1)
         x = self.soft_tokens.to(dtype).unsqueeze(0).expand(b * n, nl, -1).reshape(b, n * nl, -1)
         hidden = self.model.forward_blocks(x, layout.copro_pos, cache, layout.prefix_lens, nl, output="hidden")
-        z = hidden.view(b, n, nl, -1)
-        return z * self.scale().to(z.dtype).view(1, 1, nl, 1)
+        z = hidden.view(b, n, nl, -1) * self.scale().to(hidden.dtype).view(1, 1, nl, 1)
+        if not self.config.center:
+            return z
+        return self.base_latents.to(z.dtype) + z - self._center(z)
+
+    def _center(self, z: Tensor) -> Tensor:
+        """The mean latent to subtract: the batch's (training; updates the running mean) or the running one."""
+        if not self.training:
+            return self.latent_mean.to(z.dtype)
+        m = z.float().mean((0, 1))
+        with torch.no_grad():
+            # exact average over the first 20 updates, then an EMA with momentum 0.05
+            w = max(0.05, 1.0 / float(self.mean_updates + 1))
+            self.latent_mean.mul_(1 - w).add_(m.detach(), alpha=w)
+            self.mean_updates.add_(1)
+        return m.to(z.dtype)
 
     def latents_at(self, cache: KVCache, positions: Tensor, ahead: int = 1) -> Tensor:
         """Latents [B, N, N_L, d] for augmentation points ``positions`` [B, N] (inference helper)."""

@@ -76,6 +76,10 @@ class CacheAugmentationObjective(nn.Module):
         min_prefix: smallest augmentation point drawn at random.
         grad_checkpoint: recompute the coprocessor and decoder block passes in backward
             (saves activation memory at the cost of one more forward).
+        contrast: weight of an anti-collapse term (training only; one more decoder pass): the
+            mean over points of relu(margin + CE(real latents) - CE(latents of another row's
+            cache)), which a constant latent cannot lower.
+        contrast_margin: that margin in nats.
     """
 
     def __init__(
@@ -87,6 +91,8 @@ class CacheAugmentationObjective(nn.Module):
         num_positions: int = 8,
         min_prefix: int = 1,
         grad_checkpoint: bool = False,
+        contrast: float = 0.0,
+        contrast_margin: float = 0.0,
     ) -> None:
         super().__init__()
         if ahead < 1:
@@ -97,6 +103,8 @@ class CacheAugmentationObjective(nn.Module):
         self.num_positions = num_positions
         self.min_prefix = min_prefix
         self.grad_checkpoint = grad_checkpoint
+        self.contrast = contrast
+        self.contrast_margin = contrast_margin
         self.generator = torch.Generator().manual_seed(0)
 
     def layout(self, positions: Tensor) -> BlockLayout:
@@ -128,7 +136,12 @@ class CacheAugmentationObjective(nn.Module):
         cache, ce_base = self.prefill(input_ids, lay, baseline=baseline)
         latents = self._run(self.coprocessor, cache, lay)  # [B, N, N_L, d]
         ce = self.score(input_ids, cache, lay, latents)
-        return ObjectiveOutput(loss=ce.mean(), ce_aug=ce.detach(), ce_base=ce_base, positions=positions)
+        loss = ce.mean()
+        if self.contrast > 0 and self.training and torch.is_grad_enabled() and b > 1:
+            ce_other = self.score(input_ids, cache, lay, latents.roll(1, dims=0))
+            gap = ce.mean(-1) - ce_other.mean(-1)  # [B, N]: real minus another row's latents
+            loss = loss + self.contrast * F.relu(gap + self.contrast_margin).mean()
+        return ObjectiveOutput(loss=loss, ce_aug=ce.detach(), ce_base=ce_base, positions=positions)
 
     def prefill(self, input_ids: Tensor, lay: BlockLayout, *, baseline: bool = True) -> tuple[Any, Tensor]:
         """The decoder's frozen cache of ``input_ids`` [B, T] and its own CE [B, N, N_A] (fp32) on
