@@ -39,9 +39,9 @@ from .dist_checkpoint import (
     save_dist_checkpoint,
 )
 from .distributed import grad_sync, init_distributed, memory_report, shutdown, wrap
-from .evaluate import evaluate_objective, format_table, report_table
 from .numerics import check_step_finite, grad_norm
 from .preflight import check_resume, check_run_inputs
+from .report import format_controls, run_controls, summary
 from .startup import autocast, autocast_dtype, coprocessor_from_checkpoint, load_model, load_tok, pick_device
 from .train_config import TrainConfig
 
@@ -232,10 +232,12 @@ def train(
         held = corpus.heldout[: cfg.eval_seqs]
         if held.shape[0] == 0:
             return
-        res = evaluate_objective(objective, held, batch_size=cfg.batch_size, autocast_dtype=amp)
-        tab = report_table(res)
-        evals.append({"step": at_step, **res, "table": tab})
-        log(format_table(tab, f"held-out eval at step {at_step} ({held.shape[0]} sequences)"))
+        # with the controls: shuffled latents and the mean latent over as many training sequences
+        res, tab = run_controls(
+            objective, held, corpus.train[: cfg.eval_seqs], batch_size=cfg.batch_size, autocast_dtype=amp
+        )
+        evals.append({"step": at_step, "seconds": res["seconds"], "summary": summary(tab), "table": tab})
+        log(format_controls(tab, f"held-out eval at step {at_step} ({held.shape[0]} sequences)"))
 
     end = cfg.steps if cfg.stop_after is None else min(cfg.steps, step + cfg.stop_after)
     bar = None

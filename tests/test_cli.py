@@ -52,9 +52,13 @@ def test_train_resume_eval_generate(setup, tmp_path, capsys, monkeypatch):
     d, common = setup
     monkeypatch.setenv("CACHEAUG_CACHE", str(d / "cache"))
     out = tmp_path / "run"
-    assert main(["train", *common, "--steps", "3", "--stop-after", "2", "--out", str(out)]) == 0
+    argv = ["train", *common, "--steps", "3", "--stop-after", "2", "--eval-every", "2", "--eval-seqs", "2"]
+    assert main([*argv, "--out", str(out)]) == 0
     state = json.loads((out / "checkpoint" / "state.json").read_text())
     assert state["step"] == 2
+    # the periodic eval carries the controls (shuffled, mean) and the cache-dependence figure
+    assert set(state["evals"][0]["summary"]["mean"]["change_pct"]) == {"decoder", "shuffled", "mean"}
+    assert 0 < state["evals"][0]["summary"]["cache_dependence"] < 1
     assert main(["train", *common, "--steps", "3", "--out", str(out), "--resume"]) == 0
     assert json.loads((out / "checkpoint" / "state.json").read_text())["step"] == 3
     ev = tmp_path / "ev"
