@@ -23,8 +23,9 @@ from ..reference import compute_dtype, finite_keys, lse_dtype, softcap_scores
 
 
 def _mask_scores(scores: Tensor, bad: Tensor, visible: Tensor) -> Tensor:
-    """NaN where a key holds a non-finite value, then -inf where the key is invisible."""
-    return scores.masked_fill(bad, float("nan")).masked_fill(~visible, float("-inf"))
+    """NaN where a key holds a non-finite value, then -inf where the key is invisible (in place on
+    the one new tensor: the only cost over plain masking is the broadcast [.., 1, L] NaN fill)."""
+    return scores.masked_fill(bad, float("nan")).masked_fill_(~visible, float("-inf"))
 
 
 def _softmax_rows(scores: Tensor, bad: Tensor, visible: Tensor) -> tuple[Tensor, Tensor]:
