@@ -329,6 +329,13 @@ def test_cascade_cuda(klass, value, which):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("name", list(SEGMENT_CLASSES))
+def test_segment_flex_backward_cuda(name):
+    """FlexAttention's backward runs on CUDA only."""
+    _check_segment("flex", name, "nan", "kv", backward=True)
+
+
+@pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("name", list(SEGMENT_CLASSES))
 def test_segment_triton_16bit_cuda(name, dtype):

@@ -23,6 +23,12 @@ import cacheaug_engine.ops.plan as plan_mod  # noqa: E402
 from cacheaug_engine import BackendUnavailableError, ops, reference  # noqa: E402
 
 NAN, INF = float("nan"), float("inf")
+# where the triton backend runs: CUDA tensors on a GPU machine, CPU tensors under the interpreter
+TDEV = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
+
+
+def _to(args: dict, device: str) -> dict:
+    return {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in args.items()}
 
 
 @pytest.fixture
@@ -240,7 +246,7 @@ TRITON_BAD = [
     ("float64", lambda a: a.update({x: a[x].double() for x in ("q", "k", "v", "k_prefix", "v_prefix")}),
      BackendUnavailableError, r"^backend='triton' for segment_attention is unavailable: triton runs "
      r"segment_attention in float32, float16, bfloat16, got float64"),
-    ("head_dim_272", lambda a: a.update({x: torch.randn(*a[x].shape[:3], 272) for x in
+    ("head_dim_272", lambda a: a.update({x: torch.randn(*a[x].shape[:3], 272, device=a[x].device) for x in
                                          ("q", "k", "v", "k_prefix", "v_prefix")}),
      BackendUnavailableError, r"^backend='triton' for segment_attention is unavailable: .*head dims 1\.\.256, "
      r"got 272"),
@@ -249,7 +255,7 @@ TRITON_BAD = [
 
 @pytest.mark.parametrize("mutate, exc, pattern", [c[1:] for c in TRITON_BAD], ids=[c[0] for c in TRITON_BAD])
 def test_triton_segment_bad_input(mutate, exc, pattern, no_triton_launch):
-    args = _seg()
+    args = _to(_seg(), TDEV)
     mutate(args)
     with pytest.raises(exc) as info:
         _call_segment(dict(args, backend="triton"))
@@ -283,6 +289,7 @@ def test_unusual_layouts_work(name, backend):
         pytest.importorskip("triton")
     args = WORKS[name]()
     assert not all(x.is_contiguous() for x in args.values() if torch.is_tensor(x))
+    args = _to(args, TDEV if backend == "triton" else "cpu")  # (a copy to a GPU may lose the odd strides)
     out = _call_segment(dict(args, backend=backend))
     pos = [args[x] for x in ("q", "k", "v", "k_prefix", "v_prefix", "prefix_lens")]
     ref = reference.segment_attention(*[x.contiguous() for x in pos], block_len=args["block_len"])
@@ -316,19 +323,20 @@ def test_fake_tensors_skip_value_checks():
 # ----------------------------------------------------------------------------- merge_states contract
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", ["torch", "triton", pytest.param("cuda", marks=pytest.mark.cuda)])
 def test_merge_states_nan_and_empty_contract(backend):
     """NaN lse in -> NaN out (never the 0 of an empty state); an empty part (-inf) contributes
     nothing, whatever its o holds; two empty parts give o = 0, lse = -inf."""
     if backend == "triton":
         pytest.importorskip("triton")
-    o_a, o_b = torch.randn(5, 8), torch.randn(5, 8)
-    lse_a = torch.tensor([NAN, 0.3, -INF, -INF, NAN])
-    lse_b = torch.tensor([0.1, NAN, 0.2, -INF, -INF])
+    dev = {"cuda": "cuda", "triton": TDEV}.get(backend, "cpu")
+    o_a, o_b = torch.randn(5, 8, device=dev), torch.randn(5, 8, device=dev)
+    lse_a = torch.tensor([NAN, 0.3, -INF, -INF, NAN], device=dev)
+    lse_b = torch.tensor([0.1, NAN, 0.2, -INF, -INF], device=dev)
     o_a[2] = NAN  # empty part holding garbage
     o_b[3] = INF
     o, lse = ops.merge_states(o_a, lse_a, o_b, lse_b, backend=backend)
     assert torch.isnan(o[[0, 1, 4]]).all() and torch.isnan(lse[[0, 1, 4]]).all()
     torch.testing.assert_close(o[2], o_b[2])
     assert lse[2].item() == pytest.approx(0.2)
-    assert torch.equal(o[3], torch.zeros(8)) and lse[3].item() == -math.inf
+    assert torch.equal(o[3].cpu(), torch.zeros(8)) and lse[3].item() == -math.inf
