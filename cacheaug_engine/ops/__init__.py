@@ -48,7 +48,9 @@ def segment_attention(
             available for q's device.
 
     dtypes: float32, float16, bfloat16 (float32 accumulation); float64 on the torch backend.
-    Returns o with q's shape and dtype (and lse).
+    Returns o with q's shape and dtype (and lse). A key a row cannot see never influences that
+    row's o, lse or gradients, whatever its memory holds; a key whose k or v holds NaN/Inf makes
+    the rows that see it NaN (DESIGN.md section 7, every backend).
     """
     validate.check_segment_inputs(
         q, k, v, k_prefix, v_prefix, prefix_lens, block_len, softcap, window, scale, values=False
@@ -123,7 +125,9 @@ def merge_states(
         o_a, o_b: [..., Dh] partial outputs (float32/16, bfloat16).
         lse_a, lse_b: fp32 [...] their natural-log log-sum-exps (-inf = empty part).
 
-    Returns (o [..., Dh] in o_a's dtype, lse fp32 [...]) = attention over the union.
+    Returns (o [..., Dh] in o_a's dtype, lse fp32 [...]) = attention over the union. An empty
+    part contributes nothing whatever its o holds; a NaN lse gives NaN o and lse, never the
+    o = 0 of an empty state.
     """
     validate.check_merge_inputs(o_a, lse_a, o_b, lse_b)
     name = resolve_backend("merge_states", backend, o_a.device, dtype=o_a.dtype, head_dim=o_a.shape[-1])
