@@ -52,6 +52,12 @@ def run(args: argparse.Namespace) -> int:
     archs = _targets(args.targets)
     if args.workers < 1:
         raise ValueError(f"--workers: expected >= 1, got {args.workers}")
+    if args.compile:  # found now, not after minutes of compiling
+        from .preflight import check_output_file
+
+        check_output_file(args.out, "--out")
+        if args.markdown:
+            check_output_file(args.markdown, "--markdown")
     kernels = kernel_sweep.load_registry()
     sweep = "full" if args.full else "ci"
     if not args.compile:

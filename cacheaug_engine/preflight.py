@@ -150,8 +150,9 @@ def check_train_config(cfg: Any) -> None:
         )
     for name in ("lora_alpha", "scale_init"):
         _positive(cfg, name, optional=True)
-    for name in ("weight_decay", "clip"):
-        _at_least(cfg, name, 0)
+    for name in ("weight_decay", "clip", "contrast", "contrast_margin"):
+        if hasattr(cfg, name):
+            _at_least(cfg, name, 0)
     if not 0 <= cfg.heldout_frac < 1:
         raise ValueError(f"{flag('heldout_frac')}: expected a fraction in [0, 1), got {cfg.heldout_frac!r}")
     check_device(cfg.device, flag("device"))
@@ -180,6 +181,15 @@ def probe_writable_dir(path: str | os.PathLike, what: str = "out (--out)") -> Pa
     except OSError as e:
         reason = e.strerror or str(e)
         raise ValueError(f"{what}: cannot write to {p} ({reason}); expected a writable directory") from None
+    return p
+
+
+def check_output_file(path: str | os.PathLike, what: str) -> Path:
+    """``path`` can be written as a file: not a directory, and its directory is writable (probed)."""
+    p = Path(path)
+    if p.is_dir():
+        raise ValueError(f"{what}: {p} is a directory; expected a file path to write")
+    probe_writable_dir(p.parent if str(p.parent) else Path("."), what)
     return p
 
 

@@ -358,3 +358,46 @@ def test_init_from_records_the_checkpoints_shapes(env, tmp_path, capsys):
     code, err = run_cli([*argv[:-4], "--steps", "2", "--out", str(out), "--resume"], capsys)
     assert code == 0, err
     assert load_checkpoint(out / "checkpoint").state["step"] == 2
+
+
+KERNELS_CASES = [
+    (["--targets", "5"], ["--targets", "compute capabilities"]),
+    (["--targets", "eighty"], ["--targets", "'eighty'"]),
+    (["--workers", "0"], ["--workers", ">= 1"]),
+    (["--compile", "--out", "{d}/adir"], ["--out", "is a directory", "file path"]),
+    (["--compile", "--out", "{d}/afile/k.json"], ["--out", "writable directory"]),
+    (["--compile", "--markdown", "{d}/adir"], ["--markdown", "is a directory"]),
+]
+
+
+@pytest.mark.parametrize("extra,needles", KERNELS_CASES, ids=[" ".join(c[0])[:40] for c in KERNELS_CASES])
+def test_kernels_bad_inputs_before_compiling(env, tmp_path, capsys, monkeypatch, extra, needles):
+    import cacheaug_engine.kernels_cli as kc
+
+    def no_compile(*a, **k):
+        raise AssertionError("compiling started before the bad input was reported")
+
+    monkeypatch.setattr(kc.kernel_sweep, "run", no_compile)
+    d, _, ck = env
+    argv = ["kernels", "--out", str(tmp_path / "k.json"), *_fill(extra, d, ck, tmp_path)]
+    code, err = run_cli(argv, capsys)
+    assert_one_error(code, err, *needles)
+
+
+@pytest.mark.parametrize(
+    "pause,needles",
+    [("{tmp}/nopause", ["{tmp}/nopause", "no such checkpoint"]), ("{ck}", ["--pause", "not a pause-table checkpoint"])],
+)
+def test_eval_bad_pause_checkpoint(env, tmp_path, capsys, monkeypatch, pause, needles):
+    d, _, ck = env
+    forbid_model_load(monkeypatch)
+    code, err = run_cli(["eval", str(ck), "--pause", pause.format(ck=ck, tmp=tmp_path)], capsys)
+    assert_one_error(code, err, *[n.format(tmp=tmp_path) for n in needles])
+
+
+@pytest.mark.parametrize("flag_,value", [("--contrast", "-1"), ("--contrast-margin", "nan")])
+def test_train_method_controls_ranges(env, tmp_path, capsys, monkeypatch, flag_, value):
+    _, common, _ = env
+    forbid_model_load(monkeypatch)
+    code, err = run_cli(["train", *common, "--out", str(tmp_path / "r"), flag_, value], capsys)
+    assert_one_error(code, err, f"({flag_})")
