@@ -212,7 +212,14 @@ def run_generate_cli(args: Any) -> int:
     from .data import decode, encode, eos_id
     from .generate import augment, generate, load_latents, save_latents
     from .preflight import check_int, check_number, probe_writable_dir
-    from .startup import coprocessor_from_checkpoint, load_model, load_tok, pick_device, train_config_of
+    from .startup import (
+        coprocessor_config_of,
+        coprocessor_from_checkpoint,
+        load_model,
+        load_tok,
+        pick_device,
+        train_config_of,
+    )
     from .train_config import TrainConfig
 
     # every value checked before a checkpoint or model is read
@@ -235,6 +242,8 @@ def run_generate_cli(args: Any) -> int:
     if need_cop and ck is None:
         raise UsageError("no coprocessor: pass --checkpoint (this build ships none) or --no-augment")
     tc = train_config_of(ck) if ck is not None else TrainConfig()
+    if ck is not None and need_cop:
+        coprocessor_config_of(ck)
     model_spec = args.model or tc.model
     decoder = load_model(model_spec, dev)
     tok = load_tok(args.tokenizer or tc.tokenizer, model_spec)

@@ -189,7 +189,15 @@ def run_eval_cli(args: Any) -> int:
     from .data import load_corpus
     from .preflight import check_data_files, check_int, probe_writable_dir
     from .report import format_controls, plot_controls, run_controls, summary
-    from .startup import autocast_dtype, coprocessor_from_checkpoint, load_model, load_tok, pick_device, train_config_of
+    from .startup import (
+        autocast_dtype,
+        coprocessor_config_of,
+        coprocessor_from_checkpoint,
+        load_model,
+        load_tok,
+        pick_device,
+        train_config_of,
+    )
 
     # everything is checked before the decoder is loaded (checkpoints are small: read them first)
     check_int(args.eval_seqs, "--eval-seqs", 1)
@@ -199,6 +207,8 @@ def run_eval_cli(args: Any) -> int:
     if pause_ck is not None and pause_ck.coprocessor_config.get("latents") != "pause":
         raise ValueError(f"--pause: {args.pause} is not a pause-table checkpoint (train it with --latents pause)")
     configs = [train_config_of(ck) for ck in ckpts]
+    for ck in ckpts:
+        coprocessor_config_of(ck)
     first = configs[0]
     model_spec = args.model or first.model
     seq_len = first.seq_len if args.seq_len is None else check_int(args.seq_len, "--seq-len", 2)

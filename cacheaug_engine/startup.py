@@ -101,3 +101,14 @@ def train_config_of(ckpt: Checkpoint) -> TrainConfig:
         if isinstance(e, CheckpointError):
             raise
         raise CheckpointError(f"{ckpt.path / STATE_FILE}: train_config: {e}") from None
+
+
+def coprocessor_config_of(ckpt: Checkpoint) -> CoprocessorConfig:
+    """The checkpoint's CoprocessorConfig, checked without building anything; CheckpointError naming
+    its state.json when the section is missing or invalid (e.g. a NaN scale_init)."""
+    try:
+        return CoprocessorConfig.from_dict(ckpt.coprocessor_config)
+    except (TypeError, ValueError) as e:
+        if isinstance(e, CheckpointError):
+            raise
+        raise CheckpointError(f"{ckpt.path / STATE_FILE}: coprocessor: {e}") from None

@@ -401,3 +401,24 @@ def test_train_method_controls_ranges(env, tmp_path, capsys, monkeypatch, flag_,
     forbid_model_load(monkeypatch)
     code, err = run_cli(["train", *common, "--out", str(tmp_path / "r"), flag_, value], capsys)
     assert_one_error(code, err, f"({flag_})")
+
+
+@pytest.mark.parametrize(
+    "edit,needles",
+    [
+        ({"scale_init": float("nan")}, ["scale_init", "finite"]),
+        ({"num_latents": "2"}, ["num_latents", "integer"]),
+        ({"nmu_latents": 2}, ["unknown CoprocessorConfig keys", "nmu_latents"]),
+        ({"placement": "late"}, ["placement", "late"]),
+    ],
+)
+@pytest.mark.parametrize("command", ["eval", "generate"])
+def test_hand_edited_coprocessor_section(env, tmp_path, capsys, monkeypatch, edit, needles, command):
+    out = _copy_run(env, tmp_path) / "checkpoint"
+    st = json.loads((out / "state.json").read_text())
+    st["coprocessor"].update(edit)
+    (out / "state.json").write_text(json.dumps(st))
+    forbid_model_load(monkeypatch)
+    argv = ["eval", str(out)] if command == "eval" else ["generate", "--checkpoint", str(out), "--prompt", "x"]
+    code, err = run_cli([*argv, "--device", "cpu"], capsys)
+    assert_one_error(code, err, str(out / "state.json"), *needles)

@@ -10,7 +10,7 @@ last layer's normalised hidden states, times an optional latent scale, are the l
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import torch
@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from ..models.cache import KVCache
 from ..models.protocol import DecoderLike
+from ..preflight import check_field_types
 from .layout import PLACEMENTS, BlockLayout, block_layout
 from .lora import DEFAULT_TARGETS, LoRALinear, add_lora, shared_clone
 
@@ -61,6 +62,11 @@ class CoprocessorConfig:
     center: bool = False
 
     def __post_init__(self) -> None:
+        check_field_types(self)  # e.g. a hand-edited state.json: "2" or NaN never reaches the model
+        for name in ("lora_alpha", "scale_init"):
+            v = getattr(self, name)
+            if v is not None and not v > 0:
+                raise ValueError(f"{name} must be a finite number > 0 (or None), got {v!r}")
         if self.num_latents < 1:
             raise ValueError(f"num_latents must be >= 1, got {self.num_latents}")
         if self.lora_rank is not None and self.lora_rank < 1:
@@ -80,7 +86,10 @@ class CoprocessorConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> CoprocessorConfig:
-        """Inverse of to_dict (unknown keys are an error)."""
+        """Inverse of to_dict (unknown keys are an error naming them)."""
+        unknown = sorted(set(d) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ValueError(f"unknown CoprocessorConfig keys: {', '.join(map(str, unknown))}")
         return cls(**d)
 
 
