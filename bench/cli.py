@@ -4,6 +4,8 @@
     cacheaug bench ops --smoke --out /tmp/smoke.json                  # CPU, seconds
     cacheaug bench plot bench/results/*.json --plot-dir bench/results/plots
 
+`cacheaug bench cpu` compares our decoder with transformers' on the CPU (bench/cpu_peer.py).
+
 Sections: ops = segment attention + decode_attention + cascade_decode + merge_states;
 train = training step of the multi-position objective; decode = end-to-end decode
 tokens/s and n-sample generation. `all` runs every section under one time budget
@@ -31,7 +33,8 @@ PARTS = {"ops": ("segment", "decode_attention", "cascade", "merge"), "train": ("
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("what", choices=[*SECTIONS, "all", "plot"], help="which benchmarks to run (or plot)")
+    parser.add_argument("what", choices=[*SECTIONS, "all", "plot", "cpu"],
+                        help="which benchmarks to run (or plot; cpu = ours vs transformers on the CPU, paired)")
     parser.add_argument("inputs", nargs="*", help="plot: result JSON files")
     parser.add_argument("--out", help="JSON file to write (run) / Markdown table file (plot)")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU, seconds (CI)")
@@ -138,6 +141,16 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if args.inputs:
         raise ValueError(f"bench {args.what}: unexpected arguments {args.inputs} (files are only for bench plot)")
+    if args.what == "cpu":
+        from .cpu_peer import run_cpu_peer
+
+        out = args.out or f"bench-cpu{'-smoke' if args.smoke else ''}.json"
+        doc = run_cpu_peer(out, smoke=bool(args.smoke), repeats=args.repeats, warmup=args.warmup)
+        for c in doc["cases"]:
+            print(f"{c['case']} T={c['T']}: ours {c['ours_ms_median']} ms, transformers {c['transformers_ms_median']} "
+                  f"ms, median paired ratio ours/transformers {c['ratio_median']}")
+        print(f"-> {out}")
+        return 0
     doc = run_sections(args)
     print(_summary(doc))
     return 0

@@ -1,0 +1,179 @@
+"""`cacheaug bench cpu`: our Decoder vs transformers' LlamaForCausalLM on the CPU, paired, one run.
+
+Same SmolLM2-135M configuration (random weights, fp32; speed does not depend on the weights),
+same threads, same process. Cases:
+
+* ``prefill`` T in {256, 1024}: ``Decoder.prefill(ids)`` vs ``LlamaForCausalLM(ids, use_cache=True)``,
+  both under no_grad, both returning logits for every position and the KV cache.
+* ``train_step`` (T 256, N 4 blocks of S = N_L + N_A - 1 = 23 rows): the decoder side of one
+  training step of the objective - a no-grad prefill of x, then N blocks over their cache
+  prefixes with gradient to the block embeddings, CE loss on every block row, backward.
+  Ours: ``prefill`` + ``forward_blocks``. transformers: the same blocks as ``inputs_embeds``
+  after the prefill's ``past_key_values`` with a 4-D boolean mask [B, 1, N*S, T + N*S]
+  (block k sees the first p_k cache entries and itself causally) and explicit position_ids.
+
+Each repeat times ours then theirs back to back (order alternating); the ratio ours / theirs
+is taken per pair and the median of the ratios is reported (< 1: ours is faster). The
+machine may be shared: the pairing is what makes the ratio trustworthy, not the absolute ms.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+
+def _hf_llama(cfg: Any) -> Any:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    rope = {"rope_type": "default", "rope_theta": cfg.rope_theta}
+    if cfg.rope_scaling is not None:
+        rope = {**cfg.rope_scaling, "rope_theta": cfg.rope_theta}
+    hf_cfg = LlamaConfig(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
+        head_dim=cfg.head_dim, rms_norm_eps=cfg.rms_norm_eps, max_position_embeddings=cfg.max_position_embeddings,
+        tie_word_embeddings=cfg.tie_word_embeddings, rope_parameters=rope, attn_implementation="sdpa",
+    )
+    return LlamaForCausalLM(hf_cfg).eval().requires_grad_(False)
+
+
+def _block_mask(prefix_lens: torch.Tensor, t: int, s: int) -> torch.Tensor:
+    """Bool [B, 1, N*S, T + N*S]: row i of block k sees cache keys j < p_k and its block's keys <= i."""
+    b, n = prefix_lens.shape
+    rows = torch.arange(n * s)
+    blk, i = rows // s, rows % s
+    keys = torch.arange(t + n * s)
+    in_prefix = keys.view(1, -1) < t
+    local = keys - t
+    same = (local.view(1, -1) // s == blk.view(-1, 1)) & (local.view(1, -1) % s <= i.view(-1, 1)) & ~in_prefix
+    p = prefix_lens[:, blk]  # [B, N*S]
+    prefix_ok = in_prefix.unsqueeze(0) & (keys.view(1, 1, -1) < p.unsqueeze(-1))
+    return (prefix_ok | same.unsqueeze(0)).unsqueeze(1)
+
+
+def _pair(ours: Callable[[], Any], theirs: Callable[[], Any], repeats: int, warmup: int) -> dict[str, Any]:
+    for _ in range(warmup):
+        ours()
+        theirs()
+    a_ms, b_ms, ratios = [], [], []
+    for r in range(repeats):
+        order = (ours, theirs) if r % 2 == 0 else (theirs, ours)
+        got = {}
+        for f in order:
+            t0 = time.perf_counter()
+            f()
+            got[f] = (time.perf_counter() - t0) * 1e3
+        a_ms.append(got[ours])
+        b_ms.append(got[theirs])
+        ratios.append(got[ours] / got[theirs])
+    return {
+        "ours_ms_median": round(statistics.median(a_ms), 2),
+        "transformers_ms_median": round(statistics.median(b_ms), 2),
+        "ratio_median": round(statistics.median(ratios), 4), "ratios": [round(x, 4) for x in ratios],
+    }
+
+
+def _commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
+                             cwd=Path(__file__).resolve().parent)
+        return out.stdout.strip() or None
+    except OSError:
+        return None
+
+
+def run_cpu_peer(out: str, *, smoke: bool = False, repeats: int | None = None, warmup: int | None = None,
+                 threads: int | None = None) -> dict[str, Any]:
+    """Run the paired cases and write the JSON document to ``out``; returns it."""
+    import transformers
+
+    from cacheaug_engine.models import Decoder, DecoderConfig
+    from cacheaug_engine.models.cache import KVCache
+
+    if threads:
+        torch.set_num_threads(threads)
+    repeats = repeats or (2 if smoke else 7)
+    warmup = 1 if warmup is None else warmup
+    if smoke:
+        cfg = DecoderConfig(vocab_size=512, hidden_size=96, intermediate_size=128, num_layers=2, num_heads=6,
+                            num_kv_heads=2, head_dim=16)
+    else:
+        cfg = DecoderConfig()  # SmolLM2-135M
+    from cacheaug_engine.models.hf import hf_to_ours
+
+    torch.manual_seed(0)
+    hf = _hf_llama(cfg)
+    state = {hf_to_ours(k, cfg): v for k, v in hf.state_dict().items()}
+    ours_model = Decoder.from_weights(cfg, {k: v for k, v in state.items() if k is not None})  # same weights
+    cases = []
+    gen = torch.Generator().manual_seed(0)
+    for t in ((32, 64) if smoke else (256, 1024)):
+        ids = torch.randint(0, cfg.vocab_size, (1, t), generator=gen)
+
+        def ours(ids=ids):
+            with torch.no_grad():
+                return ours_model.prefill(ids)
+
+        def theirs(ids=ids):
+            with torch.no_grad():
+                return hf(ids, use_cache=True)
+
+        cases.append({"case": "prefill", "T": t, "B": 1, **_pair(ours, theirs, repeats, warmup)})
+
+    t, n, nl, na = (32, 2, 2, 4) if smoke else (256, 4, 8, 16)
+    s = nl + na - 1
+    ids = torch.randint(0, cfg.vocab_size, (1, t), generator=gen)
+    p = torch.linspace(1, t - na, n).round().long().view(1, n)
+    pos = (p.view(1, n, 1) + torch.arange(s).view(1, 1, s)).view(1, n * s)
+    x0 = 0.1 * torch.randn(1, n * s, cfg.hidden_size, generator=gen)
+    targets = torch.randint(0, cfg.vocab_size, (n * s,), generator=gen)
+    mask = _block_mask(p, t, s)
+
+    def ours_step():
+        with torch.no_grad():
+            cache: KVCache = ours_model.prefill(ids)[1]
+        x = x0.clone().requires_grad_()
+        logits = ours_model.forward_blocks(x, pos, cache, p, s)
+        F.cross_entropy(logits[0], targets).backward()
+
+    def theirs_step():
+        with torch.no_grad():
+            past = hf(ids, use_cache=True).past_key_values
+        x = x0.clone().requires_grad_()
+        logits = hf(inputs_embeds=x, past_key_values=past, position_ids=pos, attention_mask=mask,
+                    use_cache=False).logits
+        F.cross_entropy(logits[0], targets).backward()
+
+    # Same loss from both (up to float error): the comparison is of the same computation.
+    def loss(step_logits: Callable[[], torch.Tensor]) -> float:
+        return float(F.cross_entropy(step_logits()[0], targets))
+
+    with torch.no_grad():
+        ours_loss = loss(lambda: ours_model.forward_blocks(x0, pos, ours_model.prefill(ids)[1], p, s))
+        hf_loss = loss(lambda: hf(inputs_embeds=x0, past_key_values=hf(ids, use_cache=True).past_key_values,
+                                  position_ids=pos, attention_mask=mask, use_cache=False).logits)
+    if abs(ours_loss - hf_loss) > 1e-3 * max(1.0, abs(hf_loss)):
+        raise RuntimeError(f"train_step: ours and transformers disagree (loss {ours_loss} vs {hf_loss})")
+    cases.append({"case": "train_step", "T": t, "B": 1, "N": n, "S": s, "loss": round(ours_loss, 5),
+                  **_pair(ours_step, theirs_step, repeats, warmup)})
+    doc = {
+        "bench": "cpu_vs_transformers", "device": "cpu", "cpu": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(), "torch": torch.__version__, "transformers": transformers.__version__,
+        "commit": _commit(), "smoke": smoke, "dtype": "float32",
+        "model": "SmolLM2-135M config, random weights" if not smoke else "tiny llama config",
+        "repeats": repeats, "warmup": warmup, "cases": cases,
+        "note": "ratio = ours_ms / transformers_ms per back-to-back pair; < 1 means ours is faster",
+    }
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(doc, indent=2) + "\n")
+    return doc
