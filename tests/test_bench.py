@@ -156,3 +156,14 @@ def test_cli_plot_subcommand(tmp_path):
     argv = ["plot", str(src), "--out", str(tmp_path / "t.md"), "--plot-dir", str(tmp_path / "p")]
     assert cli.main(argv) == 0
     assert (tmp_path / "t.md").exists() and list((tmp_path / "p").glob("*.png"))
+
+
+def test_cpu_peer_smoke_writes_paired_ratios(tmp_path):
+    """`cacheaug bench cpu --smoke`: ours vs transformers, same weights (the losses agree or it raises)."""
+    pytest.importorskip("transformers")
+    from cacheaug_engine.bench.cpu_peer import run_cpu_peer
+
+    doc = run_cpu_peer(str(tmp_path / "cpu.json"), smoke=True, repeats=1, warmup=0)
+    assert [c["case"] for c in doc["cases"]] == ["prefill", "prefill", "train_step"]
+    assert all(len(c["ratios"]) == 1 and c["ratio_median"] > 0 for c in doc["cases"])
+    assert (tmp_path / "cpu.json").is_file()

@@ -78,12 +78,16 @@ def segment_attention(
         # No prefix (e.g. prefill): per-block causal attention, fused by SDPA. Blocks become a
         # batch dim: [B, N, H, S, Dh]. SDPA cannot score a key NaN, so the rows that see a key
         # that held a non-finite value are set NaN afterwards ([S, S] x [S] per block, no sync).
+        # 4-D [B*N, H, S, Dh]: with 5-D inputs (or a GQA expand) CPU SDPA falls back to its math
+        # kernel (~8x slower at S = 256 than the fused flash kernel it picks for 4-D).
+        def fold(x: Tensor, heads: int) -> Tensor:
+            return x.reshape(b, heads, n, s, dh).transpose(1, 2).reshape(b * n, heads, s, dh).to(ct)
+
         out = F.scaled_dot_product_attention(
-            q.reshape(b, hq, n, s, dh).transpose(1, 2).to(ct), kl.transpose(1, 2), vl.transpose(1, 2),
-            scale=scale, enable_gqa=g > 1,
+            fold(q, hq), fold(kl, hkv), fold(vl, hkv), scale=scale, enable_gqa=g > 1,
             attn_mask=None if (causal and window is None) else vis_local,
             is_causal=causal and window is None,
-        )
+        ).view(b, n, hq, s, dh)
         hit = torch.einsum("ij,bhnj->bnhi", vis_local.to(ct), bad_l.to(ct)).repeat_interleave(g, dim=2) > 0
         out = out.masked_fill(hit.unsqueeze(-1), float("nan"))
         return out.transpose(1, 2).reshape(b, hq, ns, dh).to(q.dtype)
