@@ -153,6 +153,21 @@ def wrap(objective: nn.Module, ctx: DistContext, *, mixed_precision: bool | None
 
 
 @contextlib.contextmanager
+def root_unsharded(model: nn.Module, ctx: DistContext | None) -> Iterator[None]:
+    """fsdp: hold the root group's parameters (embeddings, final norm, head, soft tokens) gathered
+    for code that calls the decoder's or coprocessor's methods directly instead of the root
+    forward (the held-out eval with its controls); blocks still gather through their own hooks."""
+    if ctx is None or ctx.mode != "fsdp":
+        yield
+        return
+    model.unshard()
+    try:
+        yield
+    finally:
+        model.reshard()
+
+
+@contextlib.contextmanager
 def grad_sync(model: nn.Module, ctx: DistContext, sync: bool) -> Iterator[None]:
     """Reduce gradients in this backward only when ``sync`` (the last micro-batch of a step)."""
     if ctx.mode == "ddp":

@@ -38,7 +38,7 @@ from .dist_checkpoint import (
     read_train_state,
     save_dist_checkpoint,
 )
-from .distributed import grad_sync, init_distributed, memory_report, shutdown, wrap
+from .distributed import grad_sync, init_distributed, memory_report, root_unsharded, shutdown, wrap
 from .numerics import check_step_finite, grad_norm
 from .preflight import check_resume, check_run_inputs
 from .report import format_controls, run_controls, summary
@@ -233,9 +233,10 @@ def train(
         if held.shape[0] == 0:
             return
         # with the controls: shuffled latents and the mean latent over as many training sequences
-        res, tab = run_controls(
-            objective, held, corpus.train[: cfg.eval_seqs], batch_size=cfg.batch_size, autocast_dtype=amp
-        )
+        with root_unsharded(model, ctx):
+            res, tab = run_controls(
+                objective, held, corpus.train[: cfg.eval_seqs], batch_size=cfg.batch_size, autocast_dtype=amp
+            )
         evals.append({"step": at_step, "seconds": res["seconds"], "summary": summary(tab), "table": tab})
         log(format_controls(tab, f"held-out eval at step {at_step} ({held.shape[0]} sequences)"))
 
