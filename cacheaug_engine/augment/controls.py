@@ -1,4 +1,4 @@
-"""Controls that tell cache augmentation from a soft prompt (DESIGN.md section 8).
+"""Controls that tell cache augmentation from a soft prompt (the paper's Pause Token ablation).
 
 A gain from latents counts as cache augmentation only if it beats latents that cannot read
 the cache, on the same targets:

@@ -50,7 +50,7 @@ def segment_attention(
     dtypes: float32, float16, bfloat16 (float32 accumulation); float64 on the torch backend.
     Returns o with q's shape and dtype (and lse). A key a row cannot see never influences that
     row's o, lse or gradients, whatever its memory holds; a key whose k or v holds NaN/Inf makes
-    the rows that see it NaN (DESIGN.md section 7, every backend).
+    the rows that see it NaN (every backend; contract in reference.finite_keys).
     """
     validate.check_segment_inputs(
         q, k, v, k_prefix, v_prefix, prefix_lens, block_len, softcap, window, scale, values=False
