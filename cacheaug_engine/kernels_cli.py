@@ -3,6 +3,7 @@
     cacheaug kernels                                  # kernels, specialisations, configs
     cacheaug kernels --compile [--targets 80,90] [--out FILE.json] [--markdown FILE.md]
                      [--all-configs] [--full] [--kernel NAME] [--workers N] [--no-cuda]
+    cacheaug kernels --from-json FILE.json --markdown FILE.md   # re-render a run's table
 
 --compile needs no GPU. Default sweep ("ci"): the default config (autotuning off) of every
 specialisation in the registry's CI list, which covers every dtype, head dim, flag and GQA
@@ -31,6 +32,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--targets", default="80,90", help="compute capabilities, comma-separated (default 80,90)")
     p.add_argument("--out", metavar="JSON", default="kernel_compile.json", help="records file (--compile)")
     p.add_argument("--markdown", metavar="MD", help="also write the default configs' table as Markdown")
+    p.add_argument("--from-json", metavar="JSON", help="with --markdown: render a previous --compile JSON, no compile")
     p.add_argument("--all-configs", action="store_true", help="every autotune candidate, not only the defaults")
     p.add_argument("--full", action="store_true", help="the full product of specialisation axes (hours)")
     p.add_argument("--kernel", action="append", default=[], metavar="NAME", help="only kernels whose name has NAME")
@@ -52,6 +54,14 @@ def run(args: argparse.Namespace) -> int:
     archs = _targets(args.targets)
     if args.workers < 1:
         raise ValueError(f"--workers: expected >= 1, got {args.workers}")
+    if args.from_json:
+        if not args.markdown:
+            raise ValueError("--from-json: give --markdown FILE to render it to")
+        doc = json.loads(Path(args.from_json).read_text())
+        doc["json"] = args.from_json
+        Path(args.markdown).write_text(markdown(doc))
+        print(f"wrote Markdown table to {args.markdown}")
+        return 0
     if args.compile:  # found now, not after minutes of compiling
         from .preflight import check_output_file
 
@@ -80,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
     elapsed = time.perf_counter() - t0
     doc = dict(sweep=sweep, all_configs=args.all_configs, targets=[f"sm_{a}" for a in archs],
                elapsed_s=round(elapsed, 1), workers=args.workers, host=platform.node(), versions=_versions(),
-               cuda_note=note, records=records)
+               cuda_note=note, json=str(args.out), records=records)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(doc, indent=1) + "\n")

@@ -135,6 +135,11 @@ def test_json_and_markdown_outputs(records, tmp_path):
     assert "| copy | sm_80 | 128 w4 s3 | 1/1 | " in summary_part
     assert "| broken | sm_80 | 16 w4 s3 | 0/1 |" in summary_part
     assert "Autotune candidates compiled: 1; rejected by the compile rule" in summary_part
+    src, dst = tmp_path / "run.json", tmp_path / "run.md"
+    src.write_text(json.dumps(doc))
+    assert main(["kernels", "--from-json", str(src), "--markdown", str(dst)]) == 0
+    rendered = dst.read_text()
+    assert str(src) in rendered.splitlines()[0] and rendered.split("\n", 1)[1] == md.split("\n", 1)[1]
     text = kernels_cli.summary(list(records.values()))
     assert "copy" in text and "1/1" in text and "0/1" in text
 
