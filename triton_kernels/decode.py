@@ -315,10 +315,14 @@ def _check_dtype(x: Tensor) -> None:
 
 
 def _block_n(rows_p2: int, dp: int) -> int:
-    # keep the [R, BLOCK_N, DP] broadcast product at <= 4k elements per program (4 warps): at 8k,
-    # ptxas spilled registers for sm_80/sm_90 (cacheaug kernels --compile; e.g. 16 rows x Dh 64,
-    # 4 rows x Dh 128 with softcap). No tl.dot here, so BLOCK_N may go below 16.
-    return max(4, min(128, triton.next_power_of_2(max(1, 4096 // (rows_p2 * dp)))))
+    # keep the [R, BLOCK_N, DP] broadcast product around 8k elements per program
+    return max(16, min(128, triton.next_power_of_2(max(1, 8192 // (rows_p2 * dp)))))
+
+
+def partial_num_warps(rows_p2: int, dp: int) -> int:
+    """8 warps once R x DP >= 512: with 4, ptxas spilled registers for sm_80/sm_90 at 16 rows x Dh 64
+    and at 4 rows x Dh 128 with softcap (`cacheaug kernels --compile`)."""
+    return 8 if rows_p2 * dp >= 512 else 4
 
 
 def partial_constexprs(g: int, bb: int, dh: int) -> dict:
@@ -351,6 +355,7 @@ def _launch_partial(
 ) -> None:
     b, hq, dh = q.shape
     hkv = k.shape[-3]
+    meta = partial_constexprs(hq // hkv, bb, dh)
     skb = 0 if shared else k.stride(0)
     svb = 0 if shared else v.stride(0)
     grid = (triton.cdiv(b, bb) * hkv, splits)
@@ -381,7 +386,8 @@ def _launch_partial(
         LENS_IS_SEG=lens_is_seg,
         HAS_WINDOW=window is not None,
         HAS_SOFTCAP=softcap is not None,
-        **partial_constexprs(hq // hkv, bb, dh),
+        **meta,
+        num_warps=partial_num_warps(meta["R"], meta["DP"]),
     )
 
 

@@ -186,9 +186,9 @@ def _partial_args(spec: dict, meta: dict):
     from .decode import partial_constexprs
 
     dt, dh, g = _dtype(spec), spec["head_dim"], spec["group"]
-    b, hkv, tmax, ns = 4, 2, 1024, 4
+    b, hkv, tmax, ns = 16, 2, 1024, 4
     shared = spec["mode"] == "cascade_shared"
-    bb = max(1, min(b, 16 // g)) if shared else 1
+    bb = _partial_bb(spec)
     q = _t((b, hkv * g, dh), dt)
     k = _t((hkv, tmax, dh), dt) if shared else _t((b, hkv, tmax, dh), dt)
     lens = _t((b,), torch.int32)
@@ -201,6 +201,18 @@ def _partial_args(spec: dict, meta: dict):
     consts = dict(LENS_IS_SEG=not shared, HAS_WINDOW=spec["window"], HAS_SOFTCAP=spec["softcap"],
                   **partial_constexprs(g, bb, dh))
     return args, {**consts, **meta}
+
+
+def _partial_configs(spec: dict) -> list[LaunchConfig]:
+    from .decode import partial_constexprs, partial_num_warps
+
+    c = partial_constexprs(spec["group"], _partial_bb(spec), spec["head_dim"])
+    return [LaunchConfig({}, partial_num_warps(c["R"], c["DP"]), 3, default=True)]
+
+
+def _partial_bb(spec: dict) -> int:
+    # cascade_decode's default tile of requests for a large batch (the most rows per program)
+    return max(1, 16 // spec["group"]) if spec["mode"] == "cascade_shared" else 1
 
 
 def _reduce_specs(sweep: str) -> list[dict]:
@@ -240,7 +252,7 @@ KERNELS: tuple[KernelSpec, ...] = (
                "backward: dq per packed row tile", ("segment",)),
     KernelSpec("segment_attention.bwd_dkdv", SEG_BWD, "_dkdv_kernel", _seg_specs, _seg_configs("dkdv"),
                _dkdv_args, "backward: dk, dv per block-key tile", ("segment",)),
-    KernelSpec("decode.partial", DECODE, "_partial_kernel", _partial_specs, _single, _partial_args,
+    KernelSpec("decode.partial", DECODE, "_partial_kernel", _partial_specs, _partial_configs, _partial_args,
                "split-KV partial attention (decode, cascade shared prefix and suffix)"),
     KernelSpec("decode.reduce", DECODE, "_reduce_kernel", _reduce_specs, _single, _reduce_args,
                "log-sum-exp reduction of the split partials"),
