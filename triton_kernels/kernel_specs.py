@@ -178,7 +178,8 @@ def _partial_specs(sweep: str) -> list[dict]:
                                                      ("decode", "cascade_shared", "cascade_suffix"))]
     out = [spec(d, hd, 3, True, True, "decode") for d, hd in _CI_PAIRS]
     out += [spec(d, hd, g, False, False, "cascade_shared") for d, hd, g in (("bfloat16", 64, 3), ("float32", 256, 1))]
-    out += [spec("bfloat16", 128, 1, False, False, "decode"), spec("float16", 128, 4, True, True, "cascade_suffix")]
+    out += [spec("bfloat16", 128, 1, False, False, "decode"), spec("float16", 128, 4, True, True, "cascade_suffix"),
+            spec("bfloat16", 256, 8, True, True, "decode")]
     return out
 
 
@@ -211,8 +212,12 @@ def _partial_configs(spec: dict) -> list[LaunchConfig]:
 
 
 def _partial_bb(spec: dict) -> int:
+    from .decode import cascade_requests_per_program
+
+    if spec["mode"] != "cascade_shared":
+        return 1
     # cascade_decode's default tile of requests for a large batch (the most rows per program)
-    return max(1, 16 // spec["group"]) if spec["mode"] == "cascade_shared" else 1
+    return cascade_requests_per_program(1 << 20, spec["group"], spec["head_dim"])
 
 
 def _reduce_specs(sweep: str) -> list[dict]:
