@@ -1,6 +1,6 @@
 """Triton helpers shared by the kernel files of this package (one place, no copies).
 
-* ``@triton.jit`` device helpers: ``finite_tile`` (invisible keys never leak), ``tanh``
+* ``@triton.jit`` device helpers: ``zero_nonfinite`` / ``nonfinite_lines`` (invisible keys never leak), ``tanh``
   (softcap in segment_attention.py, segment_attention_bwd.py and decode.py) and the
   packed-row tiling / visibility helpers that the segment attention forward (segment_attention.py) and backward
   (segment_attention_bwd.py) kernels both walk.
@@ -30,16 +30,21 @@ def tanh(x):
 
 
 @triton.jit
-def finite_tile(x, AXIS: tl.constexpr):
-    """(x with non-finite entries zeroed, bool vector along the other axis: that line held one).
+def zero_nonfinite(x):
+    """x with NaN/Inf entries replaced by 0 (x * 0 is exactly 0 for finite x, NaN otherwise).
 
-    Invisible keys (contract: reference.finite_keys): a tile mixes rows that see a key with rows that do
-    not, and 0 x NaN = NaN inside tl.dot, so the kernels zero non-finite entries for the dots
-    and score a flagged key (or row) NaN for exactly the pairs that see each other.
+    Invisible keys (DESIGN.md section 7): a tile mixes rows that see a key with rows that do
+    not, and 0 x NaN = NaN inside tl.dot; operands of the probability-weighted dots go through
+    this, while `scores` turns a non-finite score NaN so that a row that sees such a key (or
+    is itself non-finite) still turns NaN.
     """
-    ok = (x == x) & (tl.abs(x) < float("inf"))
-    bad = tl.min(ok.to(tl.int32), axis=AXIS) == 0
-    return tl.where(ok, x, tl.zeros_like(x)), bad
+    return tl.where(x * 0.0 == 0.0, x, 0.0)
+
+
+@triton.jit
+def nonfinite_lines(x, AXIS: tl.constexpr):
+    """bool vector: the line of x along AXIS holds a NaN/Inf (its sum of x * 0 is then NaN)."""
+    return tl.sum(x * 0.0, axis=AXIS) != 0.0
 
 
 @triton.jit
@@ -97,8 +102,10 @@ def row_key_ranges(row_ok, n, blk, p, i, NS, S, window,
 
 @triton.jit
 def scores(q, kT, qk_scale, softcap, HAS_SOFTCAP: tl.constexpr, INPUT_PRECISION: tl.constexpr):
-    """Scaled (and soft-capped) scores in base 2, plus tanh for the softcap derivative."""
+    """Scaled (and soft-capped) scores in base 2, plus tanh for the softcap derivative. A non-finite
+    dot (a NaN/Inf in q or k) scores NaN, also through the softcap (tanh(inf) would hide it)."""
     s = tl.dot(q, kT, input_precision=INPUT_PRECISION) * qk_scale
+    s = tl.where(s * 0.0 == 0.0, s, float("nan"))
     if HAS_SOFTCAP:
         t = tanh(s / softcap)
         s = softcap * t

@@ -138,15 +138,12 @@ def _partial_kernel(
         # A tile of the shared prefix serves requests whose windows differ: a key one row cannot
         # see may be visible to another. Non-finite entries are zeroed (no 0 x NaN for the rows
         # that cannot see them) and their key scores NaN for the rows that can (reference.finite_keys).
-        k_ok = (k == k) & (tl.abs(k) < float("inf"))
-        v_ok = (v == v) & (tl.abs(v) < float("inf"))
-        bad = (tl.min(k_ok.to(tl.int32), axis=1) == 0) | (tl.min(v_ok.to(tl.int32), axis=1) == 0)
-        k = tl.where(k_ok, k, 0.0)
-        v = tl.where(v_ok, v, 0.0)
+        v_bad = tl.sum(v * 0.0, axis=1) != 0.0  # x * 0 is NaN exactly for a NaN/Inf x
+        v = tl.where(v * 0.0 == 0.0, v, 0.0)
         s = tl.sum(q[:, None, :] * k[None, :, :], axis=2) * scale
+        s = tl.where((s * 0.0 == 0.0) & ~v_bad[None, :], s, float("nan"))
         if HAS_SOFTCAP:
             s = softcap * tanh(s / softcap)
-        s = tl.where(bad[None, :], float("nan"), s)
         vis = (n[None, :] < seg_len[:, None]) & nmask[None, :]
         if HAS_WINDOW:
             vis = vis & ((POS_OFF + n)[None, :] > (qpos - WINDOW)[:, None])

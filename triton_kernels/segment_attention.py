@@ -26,7 +26,7 @@ partial tile per range (and, when a tile spans two blocks, the gap p_{k+1} - p_k
 Invisible keys (contract: reference.finite_keys): a tile mixes rows that see a key with rows that do
 not (block boundaries, the causal diagonal, the window, different p_k), and masking the
 probability alone is not enough (0 x NaN = NaN inside tl.dot). Every K/V tile therefore
-goes through `common.finite_tile`: non-finite entries are zeroed for the dots and the key is
+goes through `common.zero_nonfinite`: non-finite entries are zeroed for the dots and the key is
 flagged; a flagged key scores NaN before masking, so exactly the rows that see it turn
 NaN (the torch reference does the same, reference.finite_keys). The backward kernels do
 the same for the query rows they mix (q, dO), and mask dS with the visibility.
@@ -56,14 +56,15 @@ except ImportError as exc:  # pragma: no cover - backends.py reports this before
 from . import segment_attention_configs as cfgs
 from .common import (
     common_meta,
-    finite_tile,
     launch,
     local_visible,
+    nonfinite_lines,
     prefix_visible,
     program_row_tile,
     row_key_ranges,
     scores,
     strides,
+    zero_nonfinite,
 )
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -73,10 +74,12 @@ MAX_HEAD_DIM = 256
 @triton.jit
 def _online_step(acc, m_i, l_i, q, kT, v, vis, qk_scale, softcap,
                  HAS_SOFTCAP: tl.constexpr, INPUT_PRECISION: tl.constexpr):
-    kT, k_bad = finite_tile(kT, 0)
-    v, v_bad = finite_tile(v, 1)
+    # kT only feeds the score dot, masked per element below; v feeds dot(p, v): zeroed, and a
+    # key with a non-finite value scores NaN for the rows that see it.
+    v_bad = nonfinite_lines(v, 1)
+    v = zero_nonfinite(v)
     s, _ = scores(q, kT, qk_scale, softcap, HAS_SOFTCAP, INPUT_PRECISION)
-    s = tl.where((k_bad | v_bad)[None, :], float("nan"), s)
+    s = tl.where(v_bad[None, :], float("nan"), s)
     s = tl.where(vis, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, axis=1))
     alpha = tl.exp2(m_i - m_new)

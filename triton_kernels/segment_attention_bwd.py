@@ -14,7 +14,7 @@ Three launches, none with atomics, so results are bitwise deterministic:
    inside one program, in a fixed order. The prefix gets no dk/dv (frozen cache).
 
 Invisible keys and rows (contract: reference.finite_keys): K/V tiles (and, in the dk/dv kernel, the
-q/dO row tiles it mixes) go through `common.finite_tile`; a flagged key or row scores NaN for
+q/dO row tiles it mixes) go through `common.zero_nonfinite` before the dots; a non-finite key or row scores NaN for
 the pairs that see each other, and dS is masked with the visibility, so a key a row
 cannot see never reaches that row's dq, and a row never reaches the dk/dv of a key it
 cannot see, whatever either's memory holds.
@@ -32,14 +32,15 @@ from torch import Tensor
 from . import segment_attention_configs as cfgs
 from .common import (
     common_meta,
-    finite_tile,
     launch,
     local_visible,
+    nonfinite_lines,
     prefix_visible,
     program_row_tile,
     row_key_ranges,
     row_tile,
     scores,
+    zero_nonfinite,
 )
 
 
@@ -63,17 +64,16 @@ def _delta_kernel(O, DO, DLSE, DELTA, sob, soh, son, sod, sdb, sdh, sdn, sdd, sl
 @triton.jit
 def _dq_step(dq, q, do, k, v, vis, lse2, delta, qk_scale, softcap,
              HAS_SOFTCAP: tl.constexpr, INPUT_PRECISION: tl.constexpr):
-    k, k_bad = finite_tile(k, 1)
-    v, v_bad = finite_tile(v, 1)
+    # a non-finite k scores NaN, a non-finite v makes dp NaN: both only where vis (ds is masked);
+    # the last dot zeroes k's non-finite entries so ds = 0 never meets them (0 x NaN)
     s, t = scores(q, tl.trans(k), qk_scale, softcap, HAS_SOFTCAP, INPUT_PRECISION)
-    s = tl.where((k_bad | v_bad)[None, :], float("nan"), s)
     pr = tl.where(vis, tl.exp2(s - lse2[:, None]), 0.0)
     dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION)
     ds = pr * (dp - delta[:, None])
     if HAS_SOFTCAP:
         ds = ds * (1.0 - t * t)
     ds = tl.where(vis, ds, 0.0)
-    return dq + tl.dot(ds.to(k.dtype), k, input_precision=INPUT_PRECISION)
+    return dq + tl.dot(ds.to(k.dtype), zero_nonfinite(k), input_precision=INPUT_PRECISION)
 
 
 @triton.jit
@@ -174,9 +174,6 @@ def _dkdv_kernel(
     if DOT_F32:
         k = k.to(tl.float32)
         v = v.to(tl.float32)
-    k, k_bad = finite_tile(k, 1)
-    v, v_bad = finite_tile(v, 1)
-    key_bad = k_bad | v_bad
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
 
@@ -195,23 +192,24 @@ def _dkdv_kernel(
         h = kvh * GROUP + g
         q, do, lse2, delta, _ = _load_rows(Q, DO, LSE, DELTA, b, h, n, row_ok, offs_d, d_ok,
                                                sqb, sqh, sqn, sqd, sdb, sdh, sdn, sdd, HKV, NS, GROUP, DOT_F32)
-        q, q_bad = finite_tile(q, 1)
-        do, do_bad = finite_tile(do, 1)
+        # non-finite k or q: NaN scores; non-finite v or dO: NaN dpT; a row with a non-finite dO
+        # scores NaN so that dv of the keys it sees turns NaN. All masked with vis; the dots'
+        # row operands are zeroed where non-finite, so 0 (invisible) x NaN never happens.
         s, t = scores(k, tl.trans(q), qk_scale, softcap, HAS_SOFTCAP, INPUT_PRECISION)  # [BLOCK_N, BLOCK_M]
-        s = tl.where(key_bad[:, None] | (q_bad | do_bad)[None, :], float("nan"), s)
+        s = tl.where(nonfinite_lines(do, 1)[None, :], float("nan"), s)
         vis = (kb[:, None] == blk[None, :]) & m_ok[:, None] & row_ok[None, :]
         if CAUSAL:
             vis = vis & (ki[:, None] <= i[None, :])
         if HAS_WINDOW:
             vis = vis & (ki[:, None] > i[None, :] - window)
         pT = tl.where(vis, tl.exp2(s - lse2[None, :]), 0.0)
-        dv += tl.dot(pT.to(do.dtype), do, input_precision=INPUT_PRECISION)
+        dv += tl.dot(pT.to(do.dtype), zero_nonfinite(do), input_precision=INPUT_PRECISION)
         dpT = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION)
         dsT = pT * (dpT - delta[None, :])
         if HAS_SOFTCAP:
             dsT = dsT * (1.0 - t * t)
         dsT = tl.where(vis, dsT, 0.0)
-        dk += tl.dot(dsT.to(q.dtype), q, input_precision=INPUT_PRECISION)
+        dk += tl.dot(dsT.to(q.dtype), zero_nonfinite(q), input_precision=INPUT_PRECISION)
 
     dk = dk * qk_scale
     tl.store(DK + b * skgb + kvh * skgh + offs_m[:, None] * skgn + offs_d[None, :] * skgd,
