@@ -1,7 +1,7 @@
 """Poison machinery shared by tests/test_poison.py and tests/test_fuzz_ops.py.
 
 A poisoned run writes NaN / +-Inf / huge values into key positions that some query rows
-cannot see (DESIGN.md section 7, "Invisible keys"). The contract checked here: a row
+cannot see (the contract of cacheaug_engine.reference.finite_keys). The contract checked here: a row
 that sees no poisoned key has exactly the clean run's output, lse and dq; a key that is
 seen only by such rows has exactly the clean run's dk and dv.
 

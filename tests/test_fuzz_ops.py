@@ -33,7 +33,7 @@ from cacheaug_engine import ops, reference  # noqa: E402
 
 pytestmark = pytest.mark.fuzz
 FUZZ = settings(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-# bf16 is left out here: tl.dot on bf16 is wrong in the interpreter (DESIGN.md section 7);
+# bf16 is left out here: tl.dot on bf16 is wrong in the interpreter (see test_triton_segment_attention.py);
 # tests/test_triton_segment_attention_cuda.py and test_poison.py cover it on a GPU.
 DTYPES = [torch.float32, torch.float16]
 

@@ -1,4 +1,4 @@
-"""Invisible keys never reach an output (DESIGN.md section 7; issue 15 item 1).
+"""Invisible keys never reach an output (issue 15 item 1; contract: reference.finite_keys).
 
 NaN, +-Inf and the dtype's largest value are written into every class of key position a
 query cannot see - prefix entries j >= p_k, other blocks' keys, future keys of its own

@@ -33,7 +33,7 @@ def tanh(x):
 def zero_nonfinite(x):
     """x with NaN/Inf entries replaced by 0 (x * 0 is exactly 0 for finite x, NaN otherwise).
 
-    Invisible keys (DESIGN.md section 7): a tile mixes rows that see a key with rows that do
+    Invisible keys (contract: reference.finite_keys): a tile mixes rows that see a key with rows that do
     not, and 0 x NaN = NaN inside tl.dot; operands of the probability-weighted dots go through
     this, while `scores` turns a non-finite score NaN so that a row that sees such a key (or
     is itself non-finite) still turns NaN.
