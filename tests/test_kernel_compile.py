@@ -237,6 +237,9 @@ def test_parse_ptxas_logs():
     assert [(r["kernel"], r["target"], r["registers"], r["spills"], r["shared_bytes"]) for r in recs] == [
         ("_Z3fooPf", "sm_90", 64, 8, 2048), ("_Z3barv", "sm_80", 32, 0, 0)]
     assert kernel_sweep.failures(recs) == ["_Z3fooPf sm_90  []: spills 8 B (4 B stores, 4 B loads)"]
+    triton_spill = {**recs[1], "family": "triton", "kernel": "t", "spills": 4, "spill_stores": 2, "spill_loads": 2}
+    assert len(kernel_sweep.failures([*recs, triton_spill])) == 2
+    assert kernel_sweep.failures([*recs, triton_spill], triton_spills=False) == kernel_sweep.failures(recs)
     assert kernel_compile.parse_ptxas(PTXAS_LOG.split("'sm_80'")[0]) == dict(
         registers=64, spill_stores=4, spill_loads=4, stack_bytes=8)
     with pytest.raises(ValueError, match="registers"):
