@@ -200,6 +200,7 @@ def train(
     params = [p for p in cop.parameters() if p.requires_grad]
     n_train = sum(p.numel() for p in params)
     kind = "full copy" if cop.config.lora_rank is None else f"LoRA r={cop.config.lora_rank}"
+    kind = "a pause table: no coprocessor" if cop.is_pause else kind
     log(
         f"coprocessor: {n_train / 1e6:.2f}M trainable parameters ({kind}), N_L={cop.num_latents}, "
         f"N_A={cfg.ahead}, {cfg.positions} positions/sequence, placement={cop.placement}"
