@@ -72,8 +72,6 @@ def segment_attention(
         vis_prefix = vis_prefix & (key_pos > row_pos - window)
         vis_local = vis_local & (local_key > local_row - window)
 
-    kp, vp, bad_p = finite_keys(kp, vp)
-    kl, vl, bad_l = finite_keys(kl, vl)
     if t_used == 0 and softcap is None and not return_lse:
         # No prefix (e.g. prefill): per-block causal attention, fused by SDPA. Blocks become a
         # batch dim: [B, N, H, S, Dh]. SDPA cannot score a key NaN, so the rows that see a key
@@ -83,15 +81,21 @@ def segment_attention(
         def fold(x: Tensor, heads: int) -> Tensor:
             return x.reshape(b, heads, n, s, dh).transpose(1, 2).reshape(b * n, heads, s, dh).to(ct)
 
+        # sanitised after folding: the same memory layout (hence the same SDPA kernel and rounding)
+        # as unsanitised keys
+        kf, vf, bad_f = finite_keys(fold(kl, hkv), fold(vl, hkv))
         out = F.scaled_dot_product_attention(
-            fold(q, hq), fold(kl, hkv), fold(vl, hkv), scale=scale, enable_gqa=g > 1,
+            fold(q, hq), kf, vf, scale=scale, enable_gqa=g > 1,
             attn_mask=None if (causal and window is None) else vis_local,
             is_causal=causal and window is None,
         ).view(b, n, hq, s, dh)
-        hit = torch.einsum("ij,bhnj->bnhi", vis_local.to(ct), bad_l.to(ct)).repeat_interleave(g, dim=2) > 0
+        hit = torch.einsum("ij,bnhj->bnhi", vis_local.to(ct), bad_f.view(b, n, hkv, s).to(ct))
+        hit = hit.repeat_interleave(g, dim=2) > 0
         out = out.masked_fill(hit.unsqueeze(-1), float("nan"))
         return out.transpose(1, 2).reshape(b, hq, ns, dh).to(q.dtype)
 
+    kp, vp, bad_p = finite_keys(kp, vp)
+    kl, vl, bad_l = finite_keys(kl, vl)
     s_prefix = softcap_scores(torch.einsum("bhgnsd,bhtd->bhgnst", qg, kp) * scale, softcap)
     s_local = softcap_scores(torch.einsum("bhgnsd,bhnjd->bhgnsj", qg, kl) * scale, softcap)
     scores = torch.cat([s_prefix, s_local], dim=-1)
