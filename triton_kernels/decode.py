@@ -318,9 +318,11 @@ def partial_num_warps(rows_p2: int, dp: int) -> int:
 
 
 def _block_n(rows_p2: int, dp: int) -> int:
-    # keep the [R, BLOCK_N, DP] broadcast product at ~2k elements per warp (no tl.dot here, so
-    # BLOCK_N may go below 16); measured spill-free for sm_80 and sm_90 up to R x DP = 1024
-    budget = 2048 * partial_num_warps(rows_p2, dp)
+    # keep the [R, BLOCK_N, DP] broadcast product at ~1k elements per warp (~2k at DP 256; no tl.dot
+    # here, so BLOCK_N may go below 16): the budgets that compiled spill-free for sm_80 and sm_90 with
+    # the invisible-key guards (`cacheaug kernels --compile`; ptxas spilled a few bytes at 2k for
+    # DP 128 and at 1k for DP 256)
+    budget = (2048 if dp >= 256 else 1024) * partial_num_warps(rows_p2, dp)
     return max(4, min(128, triton.next_power_of_2(max(1, budget // (rows_p2 * dp)))))
 
 

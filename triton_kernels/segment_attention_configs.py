@@ -80,13 +80,15 @@ def fixed_config(kernel: str, head_dim: int, dtype: torch.dtype) -> tuple[int, i
 # BLOCK_N x Dh fp32 accumulators (the previous 64-row dk/dv and fp32 tiles spilled on both targets).
 # Chosen by compiling candidates; ptxas sometimes spills a few bytes at low register counts, so a
 # neighbouring shape is picked where that happens.
+# Re-chosen after the invisible-key guards (reference.finite_keys) raised register pressure: the
+# previous 16-bit fwd/dq/dkdv d128, fwd/dq d256 and fp32 dkdv tiles spilled 16-1028 B on one target.
 _FIXED = {
-    ("fwd", 64, False): (128, 32, 8, 3), ("fwd", 128, False): (128, 32, 8, 3), ("fwd", 256, False): (64, 32, 8, 2),
-    ("dq", 64, False): (64, 64, 8, 2), ("dq", 128, False): (64, 64, 8, 2), ("dq", 256, False): (64, 32, 8, 2),
-    ("dkdv", 64, False): (32, 64, 8, 2), ("dkdv", 128, False): (32, 64, 8, 2), ("dkdv", 256, False): (32, 32, 8, 2),
+    ("fwd", 64, False): (128, 32, 8, 3), ("fwd", 128, False): (64, 32, 8, 2), ("fwd", 256, False): (64, 32, 8, 1),
+    ("dq", 64, False): (64, 64, 8, 2), ("dq", 128, False): (64, 32, 8, 2), ("dq", 256, False): (32, 32, 8, 2),
+    ("dkdv", 64, False): (32, 64, 8, 2), ("dkdv", 128, False): (32, 64, 8, 1), ("dkdv", 256, False): (32, 32, 8, 2),
     ("fwd", 64, True): (32, 32, 8, 1), ("fwd", 128, True): (32, 32, 8, 1), ("fwd", 256, True): (16, 16, 4, 1),
     ("dq", 64, True): (16, 16, 4, 1), ("dq", 128, True): (16, 16, 8, 1), ("dq", 256, True): (32, 32, 8, 1),
-    ("dkdv", 64, True): (32, 32, 8, 1), ("dkdv", 128, True): (16, 16, 4, 1), ("dkdv", 256, True): (16, 16, 4, 1),
+    ("dkdv", 64, True): (32, 32, 8, 1), ("dkdv", 128, True): (16, 32, 8, 1), ("dkdv", 256, True): (32, 16, 8, 1),
 }
 
 
