@@ -142,12 +142,9 @@ def format_table(table: dict[str, Any], title: str | None = None) -> str:
 
 def plot_tables(tables: dict[str, dict[str, Any]], path: str | os.PathLike, *, title: str = "") -> Path:
     """PNG of perplexity vs position: the baseline and one augmented curve per label (Agg backend)."""
-    import matplotlib
+    from .plotting import position_axes, save_position_plot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=110)
+    fig, ax = position_axes()
     base_done = False
     for label, tab in tables.items():
         pos = [p for p in tab["positions"] if p != "mean"]
@@ -157,17 +154,7 @@ def plot_tables(tables: dict[str, dict[str, Any]], path: str | os.PathLike, *, t
             base_done = True
         ax.plot(pos, tab["augmented_ppl"][:n], "-o", label=label)
     ax.set_xscale("log", base=2)
-    ax.set_xlabel("position after the augmentation point")
-    ax.set_ylabel("held-out perplexity")
-    ax.set_title(title or "Cache augmentation: per-position perplexity")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_position_plot(fig, ax, path, title or "Cache augmentation: per-position perplexity")
 
 
 def write_json(obj: Any, path: str | os.PathLike) -> Path:

@@ -187,28 +187,17 @@ def format_controls(table: dict[str, Any], title: str | None = None) -> str:
 
 def plot_controls(table: dict[str, Any], path: str | Path, *, title: str = "") -> Path:
     """PNG: perplexity per position for every method (Agg backend)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from .plotting import position_axes, save_position_plot
 
     pos = [p for p in table["positions"] if isinstance(p, int)]
-    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=110)
+    fig, ax = position_axes()
     style = {"decoder": "k--o", "pause": "-s", "coprocessor": "-o", "shuffled": ":^", "mean": ":v"}
     for m in METHODS:
         if m in table["ppl"]:
             ax.plot(pos, table["ppl"][m][: len(pos)], style[m], label=m)
-    ax.set_xlabel("position after the augmentation point")
-    ax.set_ylabel("held-out perplexity")
-    ax.set_title(title or f"coprocessor vs controls (cache dependence {table['cache_dependence']:.3f})")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_position_plot(
+        fig, ax, path, title or f"coprocessor vs controls (cache dependence {table['cache_dependence']:.3f})"
+    )
 
 
 def run_controls(
