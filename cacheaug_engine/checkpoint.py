@@ -206,7 +206,6 @@ def save_checkpoint(
         )
     remove_stale_temps(path)
     tmp = parent / f".{path.name}.tmp-{os.getpid()}"
-    old = parent / f".{path.name}.old"
     try:
         if tmp.exists():
             shutil.rmtree(tmp)
@@ -217,18 +216,30 @@ def save_checkpoint(
         if isinstance(e, OSError):
             raise CheckpointError(f"{tmp}: cannot write checkpoint ({e.strerror or e})") from None
         raise
+    swap_in(tmp, path)
+    return path
+
+
+def swap_in(tmp: Path, path: Path, complete: str = STATE_FILE) -> None:
+    """Put the finished directory ``tmp`` in place as ``path``; the previous checkpoint stays as
+    ``.<name>.old`` until the new one is in place, so a crash at any moment leaves one that loads.
+
+    ``complete`` names the file whose presence marks ``path`` as a complete checkpoint: only then is
+    an existing ``.old`` redundant. Without it ``.old`` is the last good copy (an interrupted swap)
+    and is kept; an empty ``path`` is removed (a non-empty incomplete one raises OSError).
+    """
+    old = path.parent / f".{path.name}.old"
     if old.exists():
-        if (path / STATE_FILE).is_file():
-            shutil.rmtree(old)  # a complete current checkpoint exists: the .old copy is redundant
+        if (path / complete).is_file():
+            shutil.rmtree(old)
         elif path.exists():
-            path.rmdir()  # an empty dir (checked above): .old is the last good checkpoint, keep it
+            path.rmdir()
     if path.exists():
         os.replace(path, old)
     os.replace(tmp, path)
-    _fsync_dir(parent)
+    _fsync_dir(path.parent)
     if old.exists():
         shutil.rmtree(old, ignore_errors=True)
-    return path
 
 
 def resolve_checkpoint(path: str | os.PathLike) -> Path:

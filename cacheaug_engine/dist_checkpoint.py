@@ -33,7 +33,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 
-from .checkpoint import Checkpoint, CheckpointError, save_checkpoint
+from .checkpoint import Checkpoint, CheckpointError, save_checkpoint, swap_in
 
 STATE_FILE, MARKER = "train_state.json", "COMPLETE"
 FORMAT = "cacheaug-dist-checkpoint/1"
@@ -117,7 +117,6 @@ def save_dist_checkpoint(
     """Collective: every rank writes its shards; rank 0 writes ``state`` and swaps it in atomically."""
     path = Path(path)
     tmp = path.parent / f".{path.name}.tmp"
-    old = path.parent / f".{path.name}.old"
     rank = dist.get_rank()
     if rank == 0:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -132,13 +131,7 @@ def save_dist_checkpoint(
         _fsync_dir(tmp)
         _fsync_write(tmp / MARKER, "ok\n")
         _fsync_dir(tmp)
-        if old.exists():
-            shutil.rmtree(old)
-        if path.exists():
-            os.replace(path, old)
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-        shutil.rmtree(old, ignore_errors=True)
+        swap_in(tmp, path, complete=MARKER)
     dist.barrier()
     return path
 

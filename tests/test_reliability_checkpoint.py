@@ -233,3 +233,33 @@ def test_nonfinite_grad_norm_keeps_last_checkpoint(tiny, tmp_path, capsys, monke
 def test_huge_lr_rejected_before_training(tiny, tmp_path, capsys):
     code, err = run_cli(["train", *tiny, "--lr", "1e38", "--out", str(tmp_path / "r")], capsys)
     assert_one_error(code, err, "lr (--lr)", "<= 1e+06")
+
+
+@pytest.mark.parametrize("complete", ["state.json", "COMPLETE"])
+def test_swap_in_keeps_old_after_an_interrupted_swap(tmp_path, monkeypatch, complete):
+    """The one swap both checkpoint formats use (plain: state.json, distributed: the COMPLETE
+    marker): after a crash between the renames only `.old` is complete; the next save must not
+    delete it before the new checkpoint is in place."""
+    import os
+
+    from cacheaug_engine.checkpoint import swap_in
+
+    path, old, tmp = tmp_path / "ck", tmp_path / ".ck.old", tmp_path / ".ck.tmp"
+    old.mkdir()
+    (old / complete).write_text("ok")  # the last good checkpoint, `path` itself is missing
+    tmp.mkdir()
+    (tmp / complete).write_text("new")
+    real_replace = os.replace
+
+    def crash_on_new(src, dst):
+        if os.fspath(src) == os.fspath(tmp):
+            raise OSError("simulated crash before the new checkpoint is in place")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", crash_on_new)
+    with pytest.raises(OSError, match="simulated crash"):
+        swap_in(tmp, path, complete=complete)
+    assert (old / complete).read_text() == "ok"  # still loadable
+    monkeypatch.setattr(os, "replace", real_replace)
+    swap_in(tmp, path, complete=complete)
+    assert (path / complete).read_text() == "new" and not old.exists()
