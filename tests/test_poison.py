@@ -52,6 +52,9 @@ def _run_segment(backend, inputs, opts, go, gl, backward=True):
     q, k, v = (x.detach().clone().requires_grad_(backward) for x in (q, k, v))
     if backend == "reference":
         o, lse = reference.segment_attention(q, k, v, kp, vp, pl, return_lse=True, **opts)
+    elif backend == "torch-nolse":  # the torch backend's path without lse (plain softmax)
+        o = ops.segment_attention(q, k, v, kp, vp, pl, backend="torch", **opts)
+        lse, gl = torch.zeros(o.shape[:3]), torch.zeros(o.shape[:3])
     else:
         o, lse = ops.segment_attention(q, k, v, kp, vp, pl, return_lse=True, backend=backend, **opts)
     if not backward:
@@ -128,7 +131,7 @@ VALUE_WHICH = [("nan", "k"), ("nan", "v"), ("nan", "kv"), ("inf", "kv"), ("-inf"
 
 @pytest.mark.parametrize("value, which", VALUE_WHICH)
 @pytest.mark.parametrize("name", list(SEGMENT_CLASSES))
-@pytest.mark.parametrize("backend", ["reference", "torch"])
+@pytest.mark.parametrize("backend", ["reference", "torch", "torch-nolse"])
 def test_segment_torch_backends(backend, name, value, which):
     _check_segment(backend, name, value, which)
 
@@ -351,3 +354,47 @@ def test_segment_triton_16bit_cuda(name, dtype):
         if idx == 1:
             got, want = got[..., None], want[..., None]
         assert_same(got, want, ~rows if idx < 3 else ~keys, f"triton {dtype} {name} {what}", True)
+
+
+# -- the no-prefix path (prefill): the torch backend's SDPA fast path -----------------------------
+# Blocks over an empty prefix without lse take a separate route (SDPA on folded blocks, keys
+# sanitised before it, rows that see a bad key set NaN after it); every class of invisible key
+# it can meet: other blocks, future keys of the own block, keys beyond the window.
+PREFILL_CLASSES = {
+    "other_blocks": (dict(), lambda blk, i: blk == 1),
+    "other_blocks_full": (dict(causal=False), lambda blk, i: blk == 1),
+    "future_in_block": (dict(), lambda blk, i: i < 2),
+    "beyond_window": (dict(window=2), lambda blk, i: i == S - 1),
+}
+
+
+@pytest.mark.parametrize("value, which", VALUE_WHICH)
+@pytest.mark.parametrize("name", list(PREFILL_CLASSES))
+def test_segment_torch_no_prefix_path(name, value, which):
+    opts, pred = PREFILL_CLASSES[name]
+    opts = dict(block_len=S, **opts)
+    (q, k, v, kp, vp, _), go, _ = _segment_inputs()
+    kp, vp = kp[:, :, :0], vp[:, :, :0]
+    pl = torch.zeros(B, N, dtype=torch.int32, device=DEVICE)
+    vis = segment_visibility(pl, 0, S, opts.get("causal", True), opts.get("window"))
+    target = _rows(pred)
+    poison = ~(vis & target[:, :, None]).any(1)
+    val = poison_value(value, torch.float32)
+    kd = put(k, poison.to(DEVICE), val) if "k" in which else k
+    vd = put(v, poison.to(DEVICE), val) if "v" in which else v
+    rows, keys = taint(vis, poison)
+
+    def run(k, v):
+        qq, kk, vv = (x.detach().clone().requires_grad_() for x in (q, k, v))
+        o = ops.segment_attention(qq, kk, vv, kp, vp, pl, backend="torch", **opts)
+        (o.float() * go).sum().backward()
+        return o.detach(), qq.grad, kk.grad, vv.grad
+
+    clean, dirty = run(k, v), run(kd, vd)
+    for idx, what in enumerate(("o", "dq", "dk", "dv")):
+        sel = ~rows if idx < 2 else ~keys
+        if sel.any():
+            assert_same(dirty[idx], clean[idx], sel, f"torch no-prefix {name} {which}={value} {what}", True)
+    if value != "huge":  # a visible non-finite key is never hidden: every row that sees one is NaN
+        seen = rows[:, None, :].expand(dirty[0].shape[:3])
+        assert dirty[0][seen].isnan().all(), f"{name} {which}={value}: a row that sees a bad key is not NaN"

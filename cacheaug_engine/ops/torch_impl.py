@@ -37,6 +37,44 @@ def _softmax_rows(scores: Tensor, bad: Tensor, visible: Tensor) -> tuple[Tensor,
     return probs, lse.squeeze(-1)
 
 
+def _nonfinite_keys(k: Tensor, v: Tensor) -> Tensor:
+    """bool [..., L]: key l holds a non-finite k or v (reference.finite_keys' flag, in 6 ops).
+
+    x * 0 is exactly 0 for every finite x (however large: no overflow, unlike a plain sum) and
+    NaN for NaN/Inf, so a key's row sum of it is NaN exactly when the key holds one."""
+    return torch.isnan((k * 0).sum(-1) + (v * 0).sum(-1))
+
+
+def _blocks_sdpa(q: Tensor, k: Tensor, v: Tensor, *, block_len: int, causal: bool, scale: float) -> Tensor:
+    """segment_attention with no prefix and no window (e.g. prefill): per-block attention by SDPA.
+
+    Blocks become a batch dim, 4-D [B*N, H, S, Dh]: with 5-D inputs (or a GQA expand) CPU SDPA
+    falls back to its math kernel (~8x slower at S = 256 than its fused flash kernel). SDPA
+    cannot score a key NaN, so keys are sanitised first (a row never meets an invisible key's
+    memory, not even as 0 x NaN) and the rows that see a key that held a non-finite value are
+    set NaN afterwards, without a host sync (contract: reference.finite_keys).
+    """
+    b, hq, ns, dh = q.shape
+    hkv, s = k.shape[1], block_len
+    g, n = hq // hkv, ns // s
+    ct = compute_dtype(q.dtype)
+
+    def fold(x: Tensor, heads: int) -> Tensor:
+        return x.reshape(b, heads, n, s, dh).transpose(1, 2).reshape(b * n, heads, s, dh).to(ct)
+
+    kf, vf = fold(k, hkv), fold(v, hkv)
+    bad = _nonfinite_keys(kf, vf)  # [B*N, Hkv, S]
+    # sanitised after folding: the same memory layout (hence the same SDPA kernel and rounding)
+    # as clean keys get
+    kf = torch.nan_to_num(kf, nan=0.0, posinf=0.0, neginf=0.0)
+    vf = torch.nan_to_num(vf, nan=0.0, posinf=0.0, neginf=0.0)
+    out = F.scaled_dot_product_attention(fold(q, hq), kf, vf, scale=scale, enable_gqa=g > 1, is_causal=causal)
+    # causal: row i sees keys <= i, so it is hit once any of them is bad; else every row sees all
+    hit = bad.cummax(-1).values if causal else bad.any(-1, keepdim=True)
+    out = out.view(b * n, hkv, g, s, dh).masked_fill(hit.view(b * n, hkv, 1, -1, 1), float("nan"))
+    return out.view(b, n, hq, s, dh).transpose(1, 2).reshape(b, hq, ns, dh).to(q.dtype)
+
+
 def segment_attention(
     q: Tensor, k: Tensor, v: Tensor, k_prefix: Tensor, v_prefix: Tensor, prefix_lens: Tensor,
     *, block_len: int, causal: bool = True, softcap: float | None = None, window: int | None = None,
@@ -51,6 +89,14 @@ def segment_attention(
     # max(p_k) comes from the plan (ops/plan.py: read back once per pass, not per layer); without
     # one, all T keys are scored and the invisible ones masked.
     t_used = k_prefix.shape[2] if max_prefix_len is None else max_prefix_len
+    if t_used == 0 and softcap is None and not return_lse and window is None:
+        # SDPA only where no invisible key can reach a row through it: a huge finite key (q.k
+        # overflowing to inf) meets the kernel's additive window mask as inf + -inf = NaN, and the
+        # causal backward's dS = P * (dP - D) as 0 x inf from a huge v; the explicit path below
+        # overwrites those scores and probabilities instead (tests/test_poison.py).
+        grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+        if not (causal and grad):
+            return _blocks_sdpa(q, k, v, block_len=s, causal=causal, scale=scale)
 
     qg = q.reshape(b, hkv, g, n, s, dh).to(ct)
     kl = k.reshape(b, hkv, n, s, dh).to(ct)
@@ -72,28 +118,6 @@ def segment_attention(
         vis_prefix = vis_prefix & (key_pos > row_pos - window)
         vis_local = vis_local & (local_key > local_row - window)
 
-    if t_used == 0 and softcap is None and not return_lse:
-        # No prefix (e.g. prefill): per-block causal attention, fused by SDPA. Blocks become a
-        # batch dim: [B, N, H, S, Dh]. SDPA cannot score a key NaN, so the rows that see a key
-        # that held a non-finite value are set NaN afterwards ([S, S] x [S] per block, no sync).
-        # 4-D [B*N, H, S, Dh]: with 5-D inputs (or a GQA expand) CPU SDPA falls back to its math
-        # kernel (~8x slower at S = 256 than the fused flash kernel it picks for 4-D).
-        def fold(x: Tensor, heads: int) -> Tensor:
-            return x.reshape(b, heads, n, s, dh).transpose(1, 2).reshape(b * n, heads, s, dh).to(ct)
-
-        # sanitised after folding: the same memory layout (hence the same SDPA kernel and rounding)
-        # as unsanitised keys
-        kf, vf, bad_f = finite_keys(fold(kl, hkv), fold(vl, hkv))
-        out = F.scaled_dot_product_attention(
-            fold(q, hq), kf, vf, scale=scale, enable_gqa=g > 1,
-            attn_mask=None if (causal and window is None) else vis_local,
-            is_causal=causal and window is None,
-        ).view(b, n, hq, s, dh)
-        hit = torch.einsum("ij,bnhj->bnhi", vis_local.to(ct), bad_f.view(b, n, hkv, s).to(ct))
-        hit = hit.repeat_interleave(g, dim=2) > 0
-        out = out.masked_fill(hit.unsqueeze(-1), float("nan"))
-        return out.transpose(1, 2).reshape(b, hq, ns, dh).to(q.dtype)
-
     kp, vp, bad_p = finite_keys(kp, vp)
     kl, vl, bad_l = finite_keys(kl, vl)
     s_prefix = softcap_scores(torch.einsum("bhgnsd,bhtd->bhgnst", qg, kp) * scale, softcap)
@@ -110,8 +134,10 @@ def segment_attention(
     if return_lse:
         probs, lse = _softmax_rows(scores, bad, visible)
     else:
-        # Every row sees at least its own key, so a plain (fused) softmax is safe here.
-        probs = torch.softmax(_mask_scores(scores, bad, visible), dim=-1)
+        # Every row sees at least its own key, so a plain (fused) softmax is safe here; its
+        # invisible probabilities are set to 0 again because a row that sees a bad key is NaN
+        # throughout, and 0 (not NaN) must reach the dv / dk of keys that row cannot see.
+        probs = torch.softmax(_mask_scores(scores, bad, visible), dim=-1).masked_fill(~visible, 0.0)
     out = torch.einsum("bhgnst,bhtd->bhgnsd", probs[..., :t_used], vp)
     out = out + torch.einsum("bhgnsj,bhnjd->bhgnsd", probs[..., t_used:], vl)
     out = out.reshape(b, hq, ns, dh).to(q.dtype)
