@@ -22,7 +22,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -103,6 +103,8 @@ class SegmentPlan:
     dtype: torch.dtype = torch.float32
     backward: bool = False
     requested: str | None = None
+    # the torch backend's masks of this pass (built by its first run, reused by every layer)
+    mask_cache: dict[str, Tensor] = field(default_factory=dict, compare=False, repr=False)
 
     def with_window(self, window: int | None) -> SegmentPlan:
         """The same plan for a layer with another sliding window (no sync; backend re-checked)."""
@@ -112,7 +114,7 @@ class SegmentPlan:
         feats = _features(self.softcap, window, self.return_lse, self.backward)
         name = resolve_backend("segment_attention", self.requested, self.prefix_lens.device, dtype=self.dtype,
                                head_dim=self.head_dim, features=feats)
-        return dataclasses.replace(self, window=window, backend=name)
+        return dataclasses.replace(self, window=window, backend=name, mask_cache={})
 
     def run(
         self, q: Tensor, k: Tensor, v: Tensor, k_prefix: Tensor, v_prefix: Tensor
@@ -127,7 +129,9 @@ class SegmentPlan:
             raise ValueError(
                 f"k_prefix: {k_prefix.shape[2]} keys, but the plan has prefix_lens up to {self.max_prefix_len}"
             )
-        extra: dict[str, Any] = {"max_prefix_len": self.max_prefix_len} if self.backend == "torch" else {}
+        extra: dict[str, Any] = {}
+        if self.backend == "torch":
+            extra = {"max_prefix_len": self.max_prefix_len, "mask_cache": self.mask_cache}
         return impl("segment_attention", self.backend)(
             q, k, v, k_prefix, v_prefix, self.prefix_lens, block_len=self.block_len, causal=self.causal,
             softcap=self.softcap, window=self.window, scale=self.scale, return_lse=self.return_lse, **extra,

@@ -75,10 +75,35 @@ def _blocks_sdpa(q: Tensor, k: Tensor, v: Tensor, *, block_len: int, causal: boo
     return out.view(b, n, hq, s, dh).transpose(1, 2).reshape(b, hq, ns, dh).to(q.dtype)
 
 
+def _segment_invisible(
+    prefix_lens: Tensor, t_used: int, s: int, causal: bool, window: int | None
+) -> Tensor:
+    """bool [B, 1, 1, N, S, t_used + S]: key j (prefix entries, then the block's own S keys) is
+    invisible to row i of block k. Index data only: built once per pass (the plan keeps it)."""
+    b, n = prefix_lens.shape
+    dev = prefix_lens.device
+    rows = torch.arange(s, device=dev)
+    starts = prefix_lens.long().view(b, 1, 1, n, 1, 1)
+    key_pos = torch.arange(t_used, device=dev).view(1, 1, 1, 1, 1, t_used)
+    hide_prefix = key_pos >= starts
+    hide_local = torch.zeros(s, s, dtype=torch.bool, device=dev)
+    if causal:
+        hide_local = rows.view(1, s) > rows.view(s, 1)
+    if window is not None:
+        row_pos = starts + rows.view(1, 1, 1, 1, s, 1)  # absolute position of each query row
+        hide_prefix = hide_prefix | (key_pos <= row_pos - window)
+        hide_local = hide_local | (rows.view(1, s) <= rows.view(s, 1) - window)
+    return torch.cat(
+        [hide_prefix.expand(b, 1, 1, n, s, t_used), hide_local.view(1, 1, 1, 1, s, s).expand(b, 1, 1, n, s, s)],
+        dim=-1,
+    )
+
+
 def segment_attention(
     q: Tensor, k: Tensor, v: Tensor, k_prefix: Tensor, v_prefix: Tensor, prefix_lens: Tensor,
     *, block_len: int, causal: bool = True, softcap: float | None = None, window: int | None = None,
     scale: float | None = None, return_lse: bool = False, max_prefix_len: int | None = None,
+    mask_cache: dict[str, Tensor] | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     b, hq, ns, dh = q.shape
     hkv = k.shape[1]
@@ -98,46 +123,41 @@ def segment_attention(
         if not (causal and grad):
             return _blocks_sdpa(q, k, v, block_len=s, causal=causal, scale=scale)
 
+    # the plan's masks (one per pass), else built here
+    invisible = None if mask_cache is None else mask_cache.get("invisible")
+    if invisible is None:
+        invisible = _segment_invisible(prefix_lens.to(q.device), t_used, s, causal, window)
+        if mask_cache is not None:
+            mask_cache["invisible"] = invisible
+
     qg = q.reshape(b, hkv, g, n, s, dh).to(ct)
     kl = k.reshape(b, hkv, n, s, dh).to(ct)
     vl = v.reshape(b, hkv, n, s, dh).to(ct)
     kp = k_prefix[:, :, :t_used].to(ct)
     vp = v_prefix[:, :, :t_used].to(ct)
-
-    rows = torch.arange(s, device=q.device)
-    starts = prefix_lens.to(q.device).long().view(b, 1, 1, n, 1, 1)
-    row_pos = starts + rows.view(1, 1, 1, 1, s, 1)  # absolute position of each query row
-    key_pos = torch.arange(t_used, device=q.device).view(1, 1, 1, 1, 1, t_used)
-    vis_prefix = key_pos < starts
-    local_row = rows.view(s, 1)
-    local_key = rows.view(1, s)
-    vis_local = torch.ones(s, s, dtype=torch.bool, device=q.device)
-    if causal:
-        vis_local = local_key <= local_row
-    if window is not None:
-        vis_prefix = vis_prefix & (key_pos > row_pos - window)
-        vis_local = vis_local & (local_key > local_row - window)
-
-    kp, vp, bad_p = finite_keys(kp, vp)
-    kl, vl, bad_l = finite_keys(kl, vl)
+    bad_p, bad_l = _nonfinite_keys(kp, vp), _nonfinite_keys(kl, vl)
+    kp, vp, kl, vl = (torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0) for x in (kp, vp, kl, vl))
     s_prefix = softcap_scores(torch.einsum("bhgnsd,bhtd->bhgnst", qg, kp) * scale, softcap)
     s_local = softcap_scores(torch.einsum("bhgnsd,bhnjd->bhgnsj", qg, kl) * scale, softcap)
     scores = torch.cat([s_prefix, s_local], dim=-1)
-    visible = torch.cat(
-        [vis_prefix.expand(b, 1, 1, n, s, t_used), vis_local.view(1, 1, 1, 1, s, s).expand(b, 1, 1, n, s, s)],
-        dim=-1,
-    )
     bad = torch.cat(
         [bad_p.view(b, hkv, 1, 1, 1, t_used).expand(b, hkv, 1, n, 1, t_used), bad_l.view(b, hkv, 1, n, 1, s)],
         dim=-1,
     )
+    # NaN where a key held a non-finite value, then -inf where the key is invisible: the
+    # scores are overwritten, never added to (an overflowed invisible score + -inf is NaN)
+    scores = scores.masked_fill(bad, float("nan")).masked_fill_(invisible, float("-inf"))
     if return_lse:
-        probs, lse = _softmax_rows(scores, bad, visible)
+        lse = torch.logsumexp(scores, dim=-1, keepdim=True)
+        safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
+        probs = torch.exp(scores - safe)
+        lse = lse.squeeze(-1)
     else:
-        # Every row sees at least its own key, so a plain (fused) softmax is safe here; its
-        # invisible probabilities are set to 0 again because a row that sees a bad key is NaN
-        # throughout, and 0 (not NaN) must reach the dv / dk of keys that row cannot see.
-        probs = torch.softmax(_mask_scores(scores, bad, visible), dim=-1).masked_fill(~visible, 0.0)
+        # every row sees at least its own key, so a plain (fused) softmax is safe here
+        probs = torch.softmax(scores, dim=-1)
+    # Invisible probabilities are set to 0 again: a row that sees a bad key is NaN throughout,
+    # and 0 (not NaN) must reach the dv / dk of keys that row cannot see.
+    probs = probs.masked_fill(invisible, 0.0)
     out = torch.einsum("bhgnst,bhtd->bhgnsd", probs[..., :t_used], vp)
     out = out + torch.einsum("bhgnsj,bhnjd->bhgnsd", probs[..., t_used:], vl)
     out = out.reshape(b, hq, ns, dh).to(q.dtype)
