@@ -93,13 +93,14 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(hq * dh, d, bias=cfg.o_bias)
 
     def qkv(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """x [B,S,d] -> q [B,Hq,S,Dh], k, v [B,Hkv,S,Dh] (q, k rotated; all contiguous)."""
+        """x [B,S,d] -> q [B,Hq,S,Dh], k, v [B,Hkv,S,Dh] (q, k rotated; k, v contiguous: they are
+        the cache. q stays a [B,S,Hq,Dh]-ordered view: every attention backend takes strides.)"""
         b, s, _ = x.shape
         dh = self.cfg.head_dim
         q = self.q_proj(x).view(b, s, -1, dh).transpose(1, 2)
         k = self.k_proj(x).view(b, s, -1, dh).transpose(1, 2)
         v = self.v_proj(x).view(b, s, -1, dh).transpose(1, 2)
-        return apply_rope(q, cos, sin).contiguous(), apply_rope(k, cos, sin).contiguous(), v.contiguous()
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin).contiguous(), v.contiguous()
 
 
 class MLP(nn.Module):
