@@ -82,6 +82,28 @@ def test_plan_runs_every_layer_without_reading_back():
         plan.run(q[:, :, :5], k, v, kp, vp)
 
 
+def test_torch_plan_builds_its_masks_once_per_pass_and_per_window():
+    """The torch backend's invisible-key mask is index data: built by the first layer's run and
+    reused by the others; a layer with another window gets its own (Gemma-2)."""
+    g = torch.Generator().manual_seed(1)
+    b, hq, hkv, s, n, t, dh = 2, 4, 2, 3, 2, 9, 16
+    lens = torch.tensor([[0, 5], [9, 2]])
+    plan = ops.plan_segment_attention(lens, block_len=s, prefix_len=t, head_dim=dh, dtype=torch.float32)
+    q = torch.randn(b, hq, n * s, dh, generator=g)
+    k, v = torch.randn(2, b, hkv, n * s, dh, generator=g)
+    kp, vp = torch.randn(2, b, hkv, t, dh, generator=g)
+    plan.run(q, k, v, kp, vp)
+    mask = plan.mask_cache["invisible"]
+    plan.run(q, k, v, kp, vp)
+    assert plan.mask_cache["invisible"] is mask
+    windowed = plan.with_window(2)
+    assert windowed.mask_cache == {}
+    o = windowed.run(q, k, v, kp, vp)
+    assert windowed.mask_cache["invisible"] is not mask and plan.mask_cache["invisible"] is mask
+    want = reference.segment_attention(q, k, v, kp, vp, lens, block_len=s, window=2)
+    torch.testing.assert_close(o, want)
+
+
 def test_plan_checks_values_once_with_the_op_messages():
     with pytest.raises(ValueError, match=r"prefix_lens: values must lie in \[0, 4\], got min 0, max 7"):
         ops.plan_segment_attention(torch.tensor([[0, 7]]), block_len=2, prefix_len=4, head_dim=8, dtype=torch.float32)
