@@ -71,7 +71,9 @@ def _blocks_sdpa(q: Tensor, k: Tensor, v: Tensor, *, block_len: int, causal: boo
     out = F.scaled_dot_product_attention(fold(q, hq), kf, vf, scale=scale, enable_gqa=g > 1, is_causal=causal)
     # causal: row i sees keys <= i, so it is hit once any of them is bad; else every row sees all
     hit = bad.cummax(-1).values if causal else bad.any(-1, keepdim=True)
-    out = out.view(b * n, hkv, g, s, dh).masked_fill(hit.view(b * n, hkv, 1, -1, 1), float("nan"))
+    out, hit = out.view(b * n, hkv, g, s, dh), hit.view(b * n, hkv, 1, -1, 1)
+    # in place on SDPA's fresh output unless autograd needs it (saves a copy of o per layer)
+    out = out.masked_fill(hit, float("nan")) if out.requires_grad else out.masked_fill_(hit, float("nan"))
     return out.view(b, n, hq, s, dh).transpose(1, 2).reshape(b, hq, ns, dh).to(q.dtype)
 
 
