@@ -109,7 +109,7 @@ def _devices(devices: tuple[str, ...]) -> str:
 
 def matrix() -> list[dict[str, object]]:
     """One row per (backend, op): devices, dtypes, head dims, features, backward devices."""
-    rows = []
+    rows: list[dict[str, object]] = []
     for backend, ops in CAPABILITIES.items():
         for op, cap in ops.items():
             dims = (

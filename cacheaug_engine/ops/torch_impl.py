@@ -14,6 +14,7 @@ a key holding NaN/Inf makes exactly the rows that see it NaN.
 from __future__ import annotations
 
 import math
+from typing import overload
 
 import torch
 import torch.nn.functional as F
@@ -22,18 +23,29 @@ from torch import Tensor
 from ..reference import compute_dtype, finite_keys, lse_dtype, softcap_scores
 
 
-def _mask_scores(scores: Tensor, bad: Tensor, visible: Tensor) -> Tensor:
-    """NaN where a key holds a non-finite value, then -inf where the key is invisible (in place on
-    the one new tensor: the only cost over plain masking is the broadcast [.., 1, L] NaN fill)."""
-    return scores.masked_fill(bad, float("nan")).masked_fill_(~visible, float("-inf"))
+def _mask_scores(scores: Tensor, bad: Tensor, hidden: Tensor) -> Tensor:
+    """NaN where a key holds a non-finite value, then -inf where the key is hidden from the row:
+    scores are overwritten, never added to (an overflowed hidden score + -inf would be NaN)."""
+    return scores.masked_fill(bad, float("nan")).masked_fill_(hidden, float("-inf"))
 
 
-def _softmax_rows(scores: Tensor, bad: Tensor, visible: Tensor) -> tuple[Tensor, Tensor]:
-    """Masked softmax along the last dim; rows with nothing visible give p = 0, lse = -inf."""
-    scores = _mask_scores(scores, bad, visible)
+@overload
+def _softmax_rows(scores: Tensor, bad: Tensor, hidden: Tensor) -> tuple[Tensor, Tensor]: ...
+@overload
+def _softmax_rows(scores: Tensor, bad: Tensor, hidden: Tensor, with_lse: bool) -> tuple[Tensor, Tensor | None]: ...
+def _softmax_rows(scores: Tensor, bad: Tensor, hidden: Tensor, with_lse: bool = True) -> tuple[Tensor, Tensor | None]:
+    """Masked softmax along the last dim -> (probs, lse or None).
+
+    Hidden probabilities are 0 even in a row that sees a bad key (NaN throughout): 0, not NaN,
+    must reach the dv / dk of keys that row cannot see. With lse, a row with nothing visible gives
+    p = 0 and lse = -inf; without, every row must see a key (a plain fused softmax).
+    """
+    scores = _mask_scores(scores, bad, hidden)
+    if not with_lse:
+        return torch.softmax(scores, dim=-1).masked_fill(hidden, 0.0), None
     lse = torch.logsumexp(scores, dim=-1, keepdim=True)
     safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
-    probs = torch.exp(scores - safe).masked_fill(~visible, 0.0)
+    probs = torch.exp(scores - safe).masked_fill(hidden, 0.0)
     return probs, lse.squeeze(-1)
 
 
@@ -146,24 +158,12 @@ def segment_attention(
         [bad_p.view(b, hkv, 1, 1, 1, t_used).expand(b, hkv, 1, n, 1, t_used), bad_l.view(b, hkv, 1, n, 1, s)],
         dim=-1,
     )
-    # NaN where a key held a non-finite value, then -inf where the key is invisible: the
-    # scores are overwritten, never added to (an overflowed invisible score + -inf is NaN)
-    scores = scores.masked_fill(bad, float("nan")).masked_fill_(invisible, float("-inf"))
-    if return_lse:
-        lse = torch.logsumexp(scores, dim=-1, keepdim=True)
-        safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
-        probs = torch.exp(scores - safe)
-        lse = lse.squeeze(-1)
-    else:
-        # every row sees at least its own key, so a plain (fused) softmax is safe here
-        probs = torch.softmax(scores, dim=-1)
-    # Invisible probabilities are set to 0 again: a row that sees a bad key is NaN throughout,
-    # and 0 (not NaN) must reach the dv / dk of keys that row cannot see.
-    probs = probs.masked_fill(invisible, 0.0)
+    # segment rows always see their own key: the plain softmax serves when lse is not asked for
+    probs, lse = _softmax_rows(scores, bad, invisible, with_lse=return_lse)
     out = torch.einsum("bhgnst,bhtd->bhgnsd", probs[..., :t_used], vp)
     out = out + torch.einsum("bhgnsj,bhnjd->bhgnsd", probs[..., t_used:], vl)
     out = out.reshape(b, hq, ns, dh).to(q.dtype)
-    if return_lse:
+    if lse is not None:
         return out, lse.reshape(b, hq, ns).to(lse_dtype(q.dtype))
     return out
 
@@ -190,7 +190,7 @@ def decode_attention(
     if window is not None:
         visible = visible & (pos > n - 1 - window)
     scores = _decode_scores(qg, k, scale, softcap, shared=False)
-    probs, lse = _softmax_rows(scores, bad.unsqueeze(2), visible)
+    probs, lse = _softmax_rows(scores, bad.unsqueeze(2), ~visible)
     out = torch.einsum("bhgl,bhld->bhgd", probs, v).reshape(b, hq, dh).to(q.dtype)
     lse = lse.reshape(b, hq).to(lse_dtype(q.dtype))
     return (out, lse) if return_lse else out
@@ -223,7 +223,7 @@ def cascade_decode(
         dim=-1,
     )
     bad = torch.cat([bad_s.unsqueeze(0).expand(b, hkv, t), bad_x], dim=-1).unsqueeze(2)
-    probs, lse = _softmax_rows(scores, bad, visible)
+    probs, lse = _softmax_rows(scores, bad, ~visible)
     out = torch.einsum("bhgl,hld->bhgd", probs[..., :t], v_shared)
     out = out + torch.einsum("bhgl,bhld->bhgd", probs[..., t:], v_suffix)
     out = out.reshape(b, hq, dh).to(q.dtype)
