@@ -49,14 +49,6 @@ def _softmax_rows(scores: Tensor, bad: Tensor, hidden: Tensor, with_lse: bool = 
     return probs, lse.squeeze(-1)
 
 
-def _nonfinite_keys(k: Tensor, v: Tensor) -> Tensor:
-    """bool [..., L]: key l holds a non-finite k or v (reference.finite_keys' flag, in 6 ops).
-
-    x * 0 is exactly 0 for every finite x (however large: no overflow, unlike a plain sum) and
-    NaN for NaN/Inf, so a key's row sum of it is NaN exactly when the key holds one."""
-    return torch.isnan((k * 0).sum(-1) + (v * 0).sum(-1))
-
-
 def _blocks_sdpa(q: Tensor, k: Tensor, v: Tensor, *, block_len: int, causal: bool, scale: float) -> Tensor:
     """segment_attention with no prefix and no window (e.g. prefill): per-block attention by SDPA.
 
@@ -74,12 +66,9 @@ def _blocks_sdpa(q: Tensor, k: Tensor, v: Tensor, *, block_len: int, causal: boo
     def fold(x: Tensor, heads: int) -> Tensor:
         return x.reshape(b, heads, n, s, dh).transpose(1, 2).reshape(b * n, heads, s, dh).to(ct)
 
-    kf, vf = fold(k, hkv), fold(v, hkv)
-    bad = _nonfinite_keys(kf, vf)  # [B*N, Hkv, S]
     # sanitised after folding: the same memory layout (hence the same SDPA kernel and rounding)
-    # as clean keys get
-    kf = torch.nan_to_num(kf, nan=0.0, posinf=0.0, neginf=0.0)
-    vf = torch.nan_to_num(vf, nan=0.0, posinf=0.0, neginf=0.0)
+    # as clean keys get; bad is [B*N, Hkv, S]
+    kf, vf, bad = finite_keys(fold(k, hkv), fold(v, hkv))
     out = F.scaled_dot_product_attention(fold(q, hq), kf, vf, scale=scale, enable_gqa=g > 1, is_causal=causal)
     # causal: row i sees keys <= i, so it is hit once any of them is bad; else every row sees all
     hit = bad.cummax(-1).values if causal else bad.any(-1, keepdim=True)
@@ -149,8 +138,8 @@ def segment_attention(
     vl = v.reshape(b, hkv, n, s, dh).to(ct)
     kp = k_prefix[:, :, :t_used].to(ct)
     vp = v_prefix[:, :, :t_used].to(ct)
-    bad_p, bad_l = _nonfinite_keys(kp, vp), _nonfinite_keys(kl, vl)
-    kp, vp, kl, vl = (torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0) for x in (kp, vp, kl, vl))
+    kp, vp, bad_p = finite_keys(kp, vp)
+    kl, vl, bad_l = finite_keys(kl, vl)
     s_prefix = softcap_scores(torch.einsum("bhgnsd,bhtd->bhgnst", qg, kp) * scale, softcap)
     s_local = softcap_scores(torch.einsum("bhgnsd,bhnjd->bhgnsj", qg, kl) * scale, softcap)
     scores = torch.cat([s_prefix, s_local], dim=-1)
