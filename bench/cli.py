@@ -148,7 +148,8 @@ def run(args: argparse.Namespace) -> int:
         doc = run_cpu_peer(out, smoke=bool(args.smoke), repeats=args.repeats, warmup=args.warmup)
         for c in doc["cases"]:
             print(f"{c['case']} T={c['T']}: ours {c['ours_ms_median']} ms, transformers {c['transformers_ms_median']} "
-                  f"ms, median paired ratio ours/transformers {c['ratio_median']}")
+                  f"ms, median paired ratio ours/transformers {c['ratio_median']} (95% {c['ratio_ci95']}); "
+                  f"ours on torch's F.linear {c['ratio_torch_linear_median']}")
         print(f"-> {out}")
         return 0
     doc = run_sections(args)

@@ -12,14 +12,19 @@ same threads, same process. Cases:
   after the prefill's ``past_key_values`` with a 4-D boolean mask [B, 1, N*S, T + N*S]
   (block k sees the first p_k cache entries and itself causally) and explicit position_ids.
 
-Each repeat times ours then theirs back to back (order alternating); the ratio ours / theirs
-is taken per pair and the median of the ratios is reported (< 1: ours is faster). The
-machine may be shared: the pairing is what makes the ratio trustworthy, not the absolute ms.
+Three variants per case: ``ours`` as shipped (the decoder's projections on oneDNN with weights
+packed once, ops/frozen_linear.py), ``ours_torch_linear`` (the same decoder on torch's own
+``F.linear``, i.e. MKL - the control that shows what the GEMM backend is worth) and
+``transformers``. Each repeat times all three back to back (order rotating); ratios against
+transformers are taken per repeat and the median is reported with a distribution-free 95%
+interval (< 1: ours is faster). The machine may be shared: the pairing is what makes the
+ratio trustworthy, not the absolute ms.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import platform
 import statistics
 import subprocess
@@ -61,26 +66,43 @@ def _block_mask(prefix_lens: torch.Tensor, t: int, s: int) -> torch.Tensor:
     return (prefix_ok | same.unsqueeze(0)).unsqueeze(1)
 
 
-def _pair(ours: Callable[[], Any], theirs: Callable[[], Any], repeats: int, warmup: int) -> dict[str, Any]:
+def median_interval(xs: list[float], level: float = 0.95) -> tuple[float, float]:
+    """Distribution-free interval for the median: order statistics (k, n+1-k) with the largest k
+    whose two-sided binomial(n, 1/2) tail stays <= 1 - level (at n <= 5: min and max)."""
+    xs = sorted(xs)
+    n = len(xs)
+    k, tail = 1, 0.0
+    while k < (n + 1) // 2:
+        tail += math.comb(n, k - 1) / 2**n  # P(Binom < k)
+        if 2 * (tail + math.comb(n, k) / 2**n) > 1 - level:
+            break
+        k += 1
+    return xs[k - 1], xs[n - k]
+
+
+def _pair(variants: dict[str, Callable[[], Any]], repeats: int, warmup: int) -> dict[str, Any]:
+    """Time each variant back to back per repeat (order rotating); ratios are per repeat against
+    "transformers". Keys: <variant>_ms_median, and for ours: ratio_median, ratio_ci95, ratios."""
+    names = list(variants)
     for _ in range(warmup):
-        ours()
-        theirs()
-    a_ms, b_ms, ratios = [], [], []
-    for r in range(repeats):
-        order = (ours, theirs) if r % 2 == 0 else (theirs, ours)
-        got = {}
-        for f in order:
-            t0 = time.perf_counter()
+        for f in variants.values():
             f()
-            got[f] = (time.perf_counter() - t0) * 1e3
-        a_ms.append(got[ours])
-        b_ms.append(got[theirs])
-        ratios.append(got[ours] / got[theirs])
-    return {
-        "ours_ms_median": round(statistics.median(a_ms), 2),
-        "transformers_ms_median": round(statistics.median(b_ms), 2),
-        "ratio_median": round(statistics.median(ratios), 4), "ratios": [round(x, 4) for x in ratios],
-    }
+    ms: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(repeats):
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            t0 = time.perf_counter()
+            variants[name]()
+            ms[name].append((time.perf_counter() - t0) * 1e3)
+    out: dict[str, Any] = {f"{n}_ms_median": round(statistics.median(ms[n]), 2) for n in names}
+    for n in names:
+        if n == "transformers":
+            continue
+        ratios = [a / b for a, b in zip(ms[n], ms["transformers"], strict=True)]
+        tag = "" if n == "ours" else f"_{n.removeprefix('ours_')}"
+        out[f"ratio{tag}_median"] = round(statistics.median(ratios), 4)
+        out[f"ratio{tag}_ci95"] = [round(x, 4) for x in median_interval(ratios)]
+        out[f"ratios{tag}"] = [round(x, 4) for x in ratios]
+    return out
 
 
 def _commit() -> str | None:
@@ -117,6 +139,18 @@ def run_cpu_peer(out: str, *, smoke: bool = False, repeats: int | None = None, w
     ours_model = Decoder.from_weights(cfg, {k: v for k, v in state.items() if k is not None})  # same weights
     cases = []
     gen = torch.Generator().manual_seed(0)
+
+    def on(backend: str, f: Callable[[], Any]) -> Callable[[], Any]:
+        def run() -> Any:
+            ours_model.linear_backend = backend
+            return f()
+
+        return run
+
+    def variants(ours: Callable[[], Any], theirs: Callable[[], Any]) -> dict[str, Callable[[], Any]]:
+        # ours as shipped ("auto" GEMMs), ours on torch's own F.linear, and the peer
+        return {"ours": on("auto", ours), "ours_torch_linear": on("torch", ours), "transformers": theirs}
+
     for t in ((32, 64) if smoke else (256, 1024)):
         ids = torch.randint(0, cfg.vocab_size, (1, t), generator=gen)
 
@@ -128,7 +162,7 @@ def run_cpu_peer(out: str, *, smoke: bool = False, repeats: int | None = None, w
             with torch.no_grad():
                 return hf(ids, use_cache=True)
 
-        cases.append({"case": "prefill", "T": t, "B": 1, **_pair(ours, theirs, repeats, warmup)})
+        cases.append({"case": "prefill", "T": t, "B": 1, **_pair(variants(ours, theirs), repeats, warmup)})
 
     t, n, nl, na = (32, 2, 2, 4) if smoke else (256, 4, 8, 16)
     s = nl + na - 1
@@ -165,14 +199,20 @@ def run_cpu_peer(out: str, *, smoke: bool = False, repeats: int | None = None, w
     if abs(ours_loss - hf_loss) > 1e-3 * max(1.0, abs(hf_loss)):
         raise RuntimeError(f"train_step: ours and transformers disagree (loss {ours_loss} vs {hf_loss})")
     cases.append({"case": "train_step", "T": t, "B": 1, "N": n, "S": s, "loss": round(ours_loss, 5),
-                  **_pair(ours_step, theirs_step, repeats, warmup)})
+                  **_pair(variants(ours_step, theirs_step), repeats, warmup)})
+    from cacheaug_engine.ops.frozen_linear import onednn_reason
+
+    why = onednn_reason(x0, ours_model.lm_head.weight)
+    gemm = "onednn (packed weights)" if why is None else f"torch F.linear ({why})"
     doc = {
         "bench": "cpu_vs_transformers", "device": "cpu", "cpu": platform.processor() or platform.machine(),
         "threads": torch.get_num_threads(), "torch": torch.__version__, "transformers": transformers.__version__,
         "commit": _commit(), "smoke": smoke, "dtype": "float32",
         "model": "SmolLM2-135M config, random weights" if not smoke else "tiny llama config",
         "repeats": repeats, "warmup": warmup, "cases": cases,
-        "note": "ratio = ours_ms / transformers_ms per back-to-back pair; < 1 means ours is faster",
+        "ours_linear": gemm,
+        "note": "ratio = ours_ms / transformers_ms per repeat (variants back to back); < 1 means ours is faster; "
+                "ratio_torch_linear: ours with linear_backend='torch'; ci95: order-statistic interval of the median",
     }
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     Path(out).write_text(json.dumps(doc, indent=2) + "\n")

@@ -109,6 +109,9 @@ def cmd_info(args: argparse.Namespace) -> int:
     print("backends:")
     for name, info in cacheaug_engine.backends().items():
         print(f"  {name}: {info}")
+    from .ops.frozen_linear import availability
+
+    print(f"  linear (frozen projections): {availability()}")
     from .capabilities import format_matrix
 
     print("capabilities (what each backend's kernels run; availability above):")

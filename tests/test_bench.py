@@ -166,4 +166,15 @@ def test_cpu_peer_smoke_writes_paired_ratios(tmp_path):
     doc = run_cpu_peer(str(tmp_path / "cpu.json"), smoke=True, repeats=1, warmup=0)
     assert [c["case"] for c in doc["cases"]] == ["prefill", "prefill", "train_step"]
     assert all(len(c["ratios"]) == 1 and c["ratio_median"] > 0 for c in doc["cases"])
+    assert all(c["ratio_torch_linear_median"] > 0 and len(c["ratio_ci95"]) == 2 for c in doc["cases"])
+    assert doc["ours_linear"].startswith(("onednn", "torch"))
     assert (tmp_path / "cpu.json").is_file()
+
+
+def test_median_interval_order_statistics():
+    from cacheaug_engine.bench.cpu_peer import median_interval
+
+    assert median_interval([3.0, 1.0, 2.0]) == (1.0, 3.0)  # n <= 5: min and max
+    xs = [float(i) for i in range(1, 16)]  # n = 15: ranks 4 and 12 (coverage 96.5%)
+    assert median_interval(xs) == (4.0, 12.0)
+    assert median_interval([float(i) for i in range(1, 8)]) == (1.0, 7.0)

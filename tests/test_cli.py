@@ -165,6 +165,7 @@ def test_entry_point_subprocess(tmp_path):
     )
     assert r.returncode == 0 and "backends" in r.stdout
     assert "capabilities" in r.stdout and "cascade_decode" in r.stdout and "64,128,256" in r.stdout
+    assert "linear (frozen projections): auto = " in r.stdout
 
 
 class _nullcontext:

@@ -13,7 +13,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 ALLOWED_OWNERS = {"self", "cls"}
 # torch._dynamo: mark_static_address (decoding.py) has no public alias yet; HF StaticCache uses it too.
-ALLOWED_NAMES = {"_C", "_dynamo"}
+# Tensor._version: the in-place version counter (what autograd checks saved tensors with), used by
+# ops/frozen_linear.py to notice a weight changed in place; torch.ops.mkldnn._reorder_linear_weight /
+# _linear_pointwise: oneDNN's packed linear, the ops inductor's CPU freezing calls (no public alias).
+ALLOWED_NAMES = {"_C", "_dynamo", "_version", "_reorder_linear_weight", "_linear_pointwise"}
 
 
 def private_reaches(source: str) -> list[tuple[int, str]]:

@@ -2,9 +2,10 @@
 
 Every attention goes through ``cacheaug_engine.ops``: whole sequences and blocks over a
 prefix cache through ``segment_attention``, one-token steps through ``decode_attention``
-(``backend=self.attn_backend``). Parameters are frozen (requires_grad False); activations
-stay differentiable, so gradients reach ``inputs_embeds`` and any parameters a wrapper
-(e.g. LoRA around the ``*_proj`` nn.Linear modules) adds.
+(``backend=self.attn_backend``); every projection through ``ops.frozen_linear.FrozenLinear``
+(``self.linear_backend``: on the CPU, oneDNN on weights packed once). Parameters are frozen
+(requires_grad False); activations stay differentiable, so gradients reach ``inputs_embeds``
+and any parameters a wrapper (e.g. LoRA around the ``*_proj`` nn.Linear modules) adds.
 
 Entry points (shapes: B batch, T/S lengths, d hidden, V vocab):
 
@@ -33,6 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import ops
+from ..ops.frozen_linear import FrozenLinear, check_backend
 from .cache import KVCache
 from .config import DecoderConfig, check_float_dtype
 from .rope import apply_rope, rope_cos_sin
@@ -87,10 +89,10 @@ class Attention(nn.Module):
         super().__init__()
         self.cfg = cfg
         hq, hkv, dh, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.hidden_size
-        self.q_proj = nn.Linear(d, hq * dh, bias=cfg.qkv_bias)
-        self.k_proj = nn.Linear(d, hkv * dh, bias=cfg.qkv_bias)
-        self.v_proj = nn.Linear(d, hkv * dh, bias=cfg.qkv_bias)
-        self.o_proj = nn.Linear(hq * dh, d, bias=cfg.o_bias)
+        self.q_proj = FrozenLinear(d, hq * dh, bias=cfg.qkv_bias)
+        self.k_proj = FrozenLinear(d, hkv * dh, bias=cfg.qkv_bias)
+        self.v_proj = FrozenLinear(d, hkv * dh, bias=cfg.qkv_bias)
+        self.o_proj = FrozenLinear(hq * dh, d, bias=cfg.o_bias)
 
     def qkv(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """x [B,S,d] -> q [B,Hq,S,Dh], k, v [B,Hkv,S,Dh] (q, k rotated; k, v contiguous: they are
@@ -109,9 +111,9 @@ class MLP(nn.Module):
     def __init__(self, cfg: DecoderConfig) -> None:
         super().__init__()
         d, f = cfg.hidden_size, cfg.intermediate_size
-        self.gate_proj = nn.Linear(d, f, bias=cfg.mlp_bias)
-        self.up_proj = nn.Linear(d, f, bias=cfg.mlp_bias)
-        self.down_proj = nn.Linear(f, d, bias=cfg.mlp_bias)
+        self.gate_proj = FrozenLinear(d, f, bias=cfg.mlp_bias)
+        self.up_proj = FrozenLinear(d, f, bias=cfg.mlp_bias)
+        self.down_proj = FrozenLinear(f, d, bias=cfg.mlp_bias)
         self.gelu = cfg.hidden_act == "gelu_tanh"
 
     def forward(self, x: Tensor) -> Tensor:
@@ -157,9 +159,21 @@ class Decoder(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList([Block(cfg, i) for i in range(cfg.num_layers)])
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_offset)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = FrozenLinear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.tie_weights()
         self.requires_grad_(False)
+
+    @property
+    def linear_backend(self) -> str:
+        """The projections' GEMM backend: "auto" (default), "torch" or "onednn" (ops/frozen_linear.py)."""
+        return self.lm_head.backend
+
+    @linear_backend.setter
+    def linear_backend(self, backend: str) -> None:
+        check_backend(backend)
+        for m in self.modules():
+            if isinstance(m, FrozenLinear):
+                m.backend = backend
 
     # -- construction --------------------------------------------------------------------------
     def tie_weights(self) -> None:
