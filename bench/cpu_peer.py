@@ -6,11 +6,13 @@ same threads, same process. Cases:
 * ``prefill`` T in {256, 1024}: ``Decoder.prefill(ids)`` vs ``LlamaForCausalLM(ids, use_cache=True)``,
   both under no_grad, both returning logits for every position and the KV cache.
 * ``train_step`` (T 256, N 4 blocks of S = N_L + N_A - 1 = 23 rows): the decoder side of one
-  training step of the objective - a no-grad prefill of x, then N blocks over their cache
-  prefixes with gradient to the block embeddings, CE loss on every block row, backward.
-  Ours: ``prefill`` + ``forward_blocks``. transformers: the same blocks as ``inputs_embeds``
-  after the prefill's ``past_key_values`` with a 4-D boolean mask [B, 1, N*S, T + N*S]
-  (block k sees the first p_k cache entries and itself causally) and explicit position_ids.
+  training step of the objective - a no-grad prefill of x with logits at the N*N_A rows the
+  baseline CE reads, then N blocks over their cache prefixes with gradient to the block
+  embeddings, CE loss on every block row, backward. Ours: ``prefill(logits_at=rows)`` +
+  ``forward_blocks``. transformers: ``logits_to_keep=rows``, then the same blocks as
+  ``inputs_embeds`` after the prefill's ``past_key_values`` with a 4-D boolean mask
+  [B, 1, N*S, T + N*S] (block k sees the first p_k cache entries and itself causally) and
+  explicit position_ids.
 
 Three variants per case: ``ours`` as shipped (the decoder's projections on oneDNN with weights
 packed once, ops/frozen_linear.py), ``ours_torch_linear`` (the same decoder on torch's own
@@ -172,17 +174,18 @@ def run_cpu_peer(out: str, *, smoke: bool = False, repeats: int | None = None, w
     x0 = 0.1 * torch.randn(1, n * s, cfg.hidden_size, generator=gen)
     targets = torch.randint(0, cfg.vocab_size, (n * s,), generator=gen)
     mask = _block_mask(p, t, s)
+    rows = (p.view(n, 1) + torch.arange(na).view(1, na) - 1).view(1, n * na)  # the baseline's rows
 
     def ours_step():
         with torch.no_grad():
-            cache: KVCache = ours_model.prefill(ids)[1]
+            cache: KVCache = ours_model.prefill(ids, logits_at=rows)[1]
         x = x0.clone().requires_grad_()
         logits = ours_model.forward_blocks(x, pos, cache, p, s)
         F.cross_entropy(logits[0], targets).backward()
 
     def theirs_step():
         with torch.no_grad():
-            past = hf(ids, use_cache=True).past_key_values
+            past = hf(ids, use_cache=True, logits_to_keep=rows[0]).past_key_values
         x = x0.clone().requires_grad_()
         logits = hf(inputs_embeds=x, past_key_values=past, position_ids=pos, attention_mask=mask,
                     use_cache=False).logits
@@ -198,6 +201,10 @@ def run_cpu_peer(out: str, *, smoke: bool = False, repeats: int | None = None, w
                                   position_ids=pos, attention_mask=mask, use_cache=False).logits)
     if abs(ours_loss - hf_loss) > 1e-3 * max(1.0, abs(hf_loss)):
         raise RuntimeError(f"train_step: ours and transformers disagree (loss {ours_loss} vs {hf_loss})")
+    with torch.no_grad():
+        gap = (ours_model.prefill(ids, logits_at=rows)[0] - hf(ids, logits_to_keep=rows[0]).logits).abs().max()
+    if float(gap) > 1e-3:
+        raise RuntimeError(f"train_step: the prefill logits at the baseline rows differ by {float(gap):.3g}")
     cases.append({"case": "train_step", "T": t, "B": 1, "N": n, "S": s, "loss": round(ours_loss, 5),
                   **_pair(variants(ours_step, theirs_step), repeats, warmup)})
     from cacheaug_engine.ops.frozen_linear import onednn_reason

@@ -161,11 +161,11 @@ def generate_batch(
     for i, r in enumerate(rows):
         ids[i, : pre[i]] = torch.tensor(r[: pre[i]], dtype=torch.long)
     ids = ids.to(dev)
-    logits_all, cache = decoder.prefill(ids, capacity=capacity)[:2]
+    last = torch.tensor([max(p - 1, 0) for p in pre], dtype=torch.long).view(b, 1)
+    logits_last, cache = decoder.prefill(ids, capacity=capacity, logits_at=last if tp else last[:, :0])[:2]
     cache.lens = torch.tensor(pre, dtype=torch.long).to(dev)
     cache.max_len = tp
-    last = torch.tensor([max(p - 1, 0) for p in pre]).to(dev)
-    logits = logits_all[torch.arange(b, device=dev), last] if tp else None
+    logits = logits_last[:, 0] if tp else None
     # 2. latents of the augmented rows and their tails, appended by one extend.
     if any(flags):
         assert coprocessor is not None

@@ -46,7 +46,7 @@ def prefill_prefix(decoder: DecoderLike, ids: Tensor, capacity: int) -> KVCache:
     """Cache of ``ids`` [1, P] (P may be 0) with room for ``capacity`` entries."""
     if ids.shape[1] == 0:
         return _empty_cache(decoder, ids.shape[0], capacity)
-    return decoder.prefill(ids, capacity=capacity)[1]
+    return decoder.prefill(ids, capacity=capacity, logits_at=ids.new_zeros(ids.shape[0], 0))[1]
 
 
 @dataclass
@@ -202,7 +202,8 @@ def generate(
         if handle.placement == "early":
             logits = decoder.decode_step(prompt_ids[:, -1], cache)
     else:
-        logits, cache = decoder.prefill(prompt_ids, capacity=p + max_new_tokens + 1)[:2]
+        last = torch.full((prompt_ids.shape[0], 1), p - 1, dtype=torch.long)
+        logits, cache = decoder.prefill(prompt_ids, capacity=p + max_new_tokens + 1, logits_at=last)[:2]
         logits = logits[:, -1]
     kw = dict(temperature=temperature, top_k=top_k, seed=seed, eos_id=eos_id)
     if num_samples == 1:

@@ -160,6 +160,35 @@ def test_empty_prefill_then_decode() -> None:
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma2"])
+def test_prefill_logits_at_rows(arch: str) -> None:
+    """logits_at runs the lm_head on the chosen rows only: the same values as indexing all T rows."""
+    m = tiny_decoder(arch)
+    ids = _ids(2, 10)
+    full, cache_full = m.prefill(ids)
+    rows = torch.tensor([[9, 0, 4], [3, 3, 7]])
+    some, cache = m.prefill(ids, logits_at=rows)
+    assert some.shape == (2, 3, 256) and some.dtype == torch.float32
+    torch.testing.assert_close(some, torch.stack([full[b, rows[b]] for b in range(2)]), atol=TOL, rtol=0)
+    torch.testing.assert_close(cache.k[1], cache_full.k[1], atol=0, rtol=0)
+    none, _ = m.prefill(ids, logits_at=rows[:, :0])
+    assert none.shape == (2, 0, 256)
+    assert m.prefill(ids[:, :0], logits_at=rows[:, :0])[0].shape == (2, 0, 256)
+
+
+@pytest.mark.parametrize("bad,needle", [
+    (torch.tensor([[1, 2]]), r"int32/int64 \[2, R\]"),  # batch 1, not 2
+    (torch.tensor([1, 2]), r"int32/int64 \[2, R\]"),
+    (torch.tensor([[0.0], [1.0]]), "int32/int64"),
+    (torch.tensor([[0], [10]]), r"in \[0, 10\)"),
+    (torch.tensor([[-1], [0]]), r"in \[0, 10\)"),
+])
+def test_prefill_logits_at_bad_input(bad: torch.Tensor, needle: str) -> None:
+    with pytest.raises(ValueError, match=needle) as err:
+        tiny_decoder("llama").prefill(_ids(2, 10), logits_at=bad)
+    assert str(err.value).startswith("logits_at:")
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma2"])
 def test_attn_backend_triton_matches_torch(arch: str) -> None:
     """The model with ``attn_backend="triton"`` (the interpreter on CPU) equals the torch path."""
     import cacheaug_engine

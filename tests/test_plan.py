@@ -42,8 +42,9 @@ def _train_step_syncs(layers: int, arch: str) -> SyncCounter:
 def test_training_step_syncs_do_not_depend_on_layers(arch):
     two, eight = _train_step_syncs(2, arch), _train_step_syncs(8, arch)
     assert two.count == eight.count, (two.where, eight.where)
-    # positions check (1) + coprocessor block plan (1) + decoder block plan (1)
-    assert two.count <= 3, two.where
+    # positions check (1) + coprocessor block plan (1) + decoder block plan (1) + the prefill's
+    # logits_at range check (1; made on host tensors only, so on a GPU it is no device sync)
+    assert two.count <= 4, two.where
 
 
 def test_decode_syncs_per_token_do_not_depend_on_layers():

@@ -89,7 +89,7 @@ def mean_latent(
         lay = block_layout(pos, coprocessor.num_latents, ahead, coprocessor.placement)
         ctx = torch.autocast(dev.type, dtype=autocast_dtype) if autocast_dtype else nullcontext()
         with ctx:
-            cache = decoder.prefill(ids)[1]
+            cache = decoder.prefill(ids, logits_at=ids.new_zeros(ids.shape[0], 0))[1]
             z = coprocessor(cache, lay).float()
         s = z.sum((0, 1)).double()
         total = s if total is None else total + s

@@ -148,16 +148,16 @@ class CacheAugmentationObjective(nn.Module):
         ``lay``'s targets (NaN when ``baseline`` is False). No gradient."""
         b = input_ids.shape[0]
         n, na = lay.positions.shape[1], lay.ahead
+        # The lm_head runs only on the N*N_A rows the baseline reads (none without a baseline).
+        rows = lay.baseline_idx.reshape(b, n * na) if baseline else lay.baseline_idx.new_zeros(b, 0)
         with torch.no_grad():
-            logits_base, cache = self.decoder.prefill(input_ids)[:2]
+            lb, cache = self.decoder.prefill(input_ids, logits_at=rows)[:2]
             if baseline:
-                rows = lay.baseline_idx.reshape(b, n * na)
                 tb = torch.gather(input_ids, 1, lay.target_idx.reshape(b, n * na))
-                lb = torch.gather(logits_base, 1, rows.unsqueeze(-1).expand(-1, -1, logits_base.shape[-1]))
                 ce_base = F.cross_entropy(lb.flatten(0, 1).float(), tb.reshape(-1), reduction="none").view(b, n, na)
             else:
                 ce_base = torch.full((b, n, na), float("nan"))
-            del logits_base
+            del lb
         return cache, ce_base.float()
 
     def score(self, input_ids: Tensor, cache: Any, lay: BlockLayout, latents: Tensor) -> Tensor:

@@ -313,6 +313,7 @@ class Decoder(nn.Module):
     def prefill(
         self, input_ids: Tensor | None = None, *, inputs_embeds: Tensor | None = None,
         positions: Tensor | None = None, return_hidden: bool = False, capacity: int | None = None,
+        logits_at: Tensor | None = None,
     ) -> tuple[Tensor, KVCache] | tuple[Tensor, KVCache, Tensor]:
         """Causal pass over whole sequences, returning logits and the per-layer KV cache.
 
@@ -322,18 +323,24 @@ class Decoder(nn.Module):
                 causal over the T entries regardless.
             return_hidden: also return the final-normed hidden states [B,T,d].
             capacity: preallocate the cache for this many entries (e.g. T + tokens to decode).
+            logits_at: long [B,R] positions in [0, T): the lm_head runs on those rows only and
+                logits are [B,R,V] (R = 0: none, for callers that want the cache). Default: all T.
+                (Out-of-range values raise from the gather; on the CPU they are checked first.)
 
-        Returns (logits float32 [B,T,V], cache with lens = T[, hidden]).
+        Returns (logits float32 [B,T,V] (or [B,R,V]), cache with lens = T[, hidden]).
         """
         x = self._input(input_ids, inputs_embeds, "prefill")
         b, t, _ = x.shape
+        if logits_at is not None:
+            _check_rows(logits_at, b, t)
         if t == 0:  # an empty prompt: empty logits and an empty cache (with the requested capacity)
             c = self.cfg
             cache = KVCache.empty(
                 c.num_layers, b, c.num_kv_heads, c.head_dim, capacity or 0, dtype=self.dtype, device=x.device
             )
             hidden = self.norm(x)
-            return (self.logits(hidden), cache, hidden) if return_hidden else (self.logits(hidden), cache)
+            logits = self._logits_at(hidden, logits_at)
+            return (logits, cache, hidden) if return_hidden else (logits, cache)
         if positions is None:
             positions = torch.arange(t, device=x.device).expand(b, t)
         ks: list[Tensor] = []
@@ -351,8 +358,14 @@ class Decoder(nn.Module):
         cache = KVCache.from_tensors(ks, vs)
         if capacity is not None:
             cache.reserve(capacity)
-        logits = self.logits(hidden)
+        logits = self._logits_at(hidden, logits_at)
         return (logits, cache, hidden) if return_hidden else (logits, cache)
+
+    def _logits_at(self, hidden: Tensor, rows: Tensor | None) -> Tensor:
+        if rows is None:
+            return self.logits(hidden)
+        idx = rows.to(hidden.device, torch.long).unsqueeze(-1).expand(-1, -1, hidden.shape[-1])
+        return self.logits(torch.gather(hidden, 1, idx))
 
     def forward_blocks(
         self, inputs_embeds: Tensor, positions: Tensor, cache: KVCache, prefix_lens: Tensor, block_len: int,
@@ -532,3 +545,14 @@ class Decoder(nn.Module):
         if input_ids.dim() != 2:
             raise ValueError(f"{where}: input_ids must be [B, T], got {tuple(input_ids.shape)}")
         return self.embed(input_ids)
+
+
+def _check_rows(rows: Tensor, b: int, t: int) -> None:
+    """``logits_at`` must be integer [B, R] with values in [0, T) (values checked on the CPU only:
+    elsewhere that would be a device sync; the gather itself fails on a bad index)."""
+    if rows.dim() != 2 or rows.shape[0] != b or rows.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"logits_at: expected int32/int64 [{b}, R], got {rows.dtype} {tuple(rows.shape)}")
+    if rows.device.type == "cpu" and rows.numel():
+        lo, hi = torch.stack(rows.aminmax()).tolist()  # a host tensor: one read, no device sync
+        if not 0 <= lo <= hi < t:
+            raise ValueError(f"logits_at: positions must lie in [0, {t}), got [{lo}, {hi}]")

@@ -51,8 +51,10 @@ class DecoderLike(Protocol):
         positions: Tensor | None = None,
         return_hidden: bool = False,
         capacity: int | None = None,
+        logits_at: Tensor | None = None,
     ) -> tuple[Tensor, KVCache] | tuple[Tensor, KVCache, Tensor]:
-        """Causal pass over [B,T] -> (float32 logits [B,T,V], KVCache[, hidden [B,T,d]])."""
+        """Causal pass over [B,T] -> (float32 logits [B,T,V] or [B,R,V] at ``logits_at`` [B,R],
+        KVCache[, hidden [B,T,d]])."""
         ...
 
     def forward_blocks(
