@@ -147,8 +147,9 @@ def run(args: argparse.Namespace) -> int:
         out = args.out or f"bench-cpu{'-smoke' if args.smoke else ''}.json"
         doc = run_cpu_peer(out, smoke=bool(args.smoke), repeats=args.repeats, warmup=args.warmup)
         for c in doc["cases"]:
-            print(f"{c['case']} T={c['T']}: ours {c['ours_ms_median']} ms, transformers {c['transformers_ms_median']} "
-                  f"ms, median paired ratio ours/transformers {c['ratio_median']} (95% {c['ratio_ci95']}); "
+            print(f"{c['case']} T={c['T']} B={c['B']}: ours {c['ours_ms_median']} ms, "
+                  f"transformers {c['transformers_ms_median']} ms, median paired ratio ours/transformers "
+                  f"{c['ratio_median']} (95% {c['ratio_ci95']}); "
                   f"ours on torch's F.linear {c['ratio_torch_linear_median']}")
         print(f"-> {out}")
         return 0

@@ -13,6 +13,8 @@ same threads, same process. Cases:
   ``inputs_embeds`` after the prefill's ``past_key_values`` with a 4-D boolean mask
   [B, 1, N*S, T + N*S] (block k sees the first p_k cache entries and itself causally) and
   explicit position_ids.
+* ``generate`` (T 128, B 1 and 4, 32 new tokens): greedy decoding, prefill (logits of the last
+  row only on both sides) then one ``decode_step`` / one cached forward per token.
 
 Three variants per case: ``ours`` as shipped (the decoder's projections on oneDNN with weights
 packed once, ops/frozen_linear.py), ``ours_torch_linear`` (the same decoder on torch's own
@@ -207,6 +209,29 @@ def run_cpu_peer(out: str, *, smoke: bool = False, repeats: int | None = None, w
         raise RuntimeError(f"train_step: the prefill logits at the baseline rows differ by {float(gap):.3g}")
     cases.append({"case": "train_step", "T": t, "B": 1, "N": n, "S": s, "loss": round(ours_loss, 5),
                   **_pair(variants(ours_step, theirs_step), repeats, warmup)})
+    t, new = (16, 4) if smoke else (128, 32)
+    for b in (1, 4):
+        ids = torch.randint(0, cfg.vocab_size, (b, t), generator=gen)
+        last = torch.full((b, 1), t - 1)
+
+        def ours_gen(ids=ids, last=last):
+            with torch.no_grad():
+                logits, cache = ours_model.prefill(ids, capacity=t + new, logits_at=last)
+                tok = logits[:, -1].argmax(-1)
+                for _ in range(new):
+                    tok = ours_model.decode_step(tok, cache).argmax(-1)
+
+        def theirs_gen(ids=ids):
+            with torch.no_grad():
+                out = hf(ids, use_cache=True, logits_to_keep=1)
+                past, tok = out.past_key_values, out.logits[:, -1].argmax(-1)
+                for _ in range(new):
+                    out = hf(tok.view(-1, 1), past_key_values=past, use_cache=True)
+                    past, tok = out.past_key_values, out.logits[:, -1].argmax(-1)
+
+        cases.append({"case": "generate", "T": t, "B": b, "new_tokens": new,
+                      **_pair(variants(ours_gen, theirs_gen), repeats, warmup)})
+
     from cacheaug_engine.ops.frozen_linear import onednn_reason
 
     why = onednn_reason(x0, ours_model.lm_head.weight)

@@ -164,7 +164,7 @@ def test_cpu_peer_smoke_writes_paired_ratios(tmp_path):
     from cacheaug_engine.bench.cpu_peer import run_cpu_peer
 
     doc = run_cpu_peer(str(tmp_path / "cpu.json"), smoke=True, repeats=1, warmup=0)
-    assert [c["case"] for c in doc["cases"]] == ["prefill", "prefill", "train_step"]
+    assert [c["case"] for c in doc["cases"]] == ["prefill", "prefill", "train_step", "generate", "generate"]
     assert all(len(c["ratios"]) == 1 and c["ratio_median"] > 0 for c in doc["cases"])
     assert all(c["ratio_torch_linear_median"] > 0 and len(c["ratio_ci95"]) == 2 for c in doc["cases"])
     assert doc["ours_linear"].startswith(("onednn", "torch"))
