@@ -3,13 +3,15 @@
 On the CPU, eager ``F.linear`` calls MKL sgemm. A frozen decoder's weights never change, so
 we pack each one into oneDNN's blocked layout once (``mkldnn._reorder_linear_weight``) and
 run ``mkldnn._linear_pointwise`` against the packed copy. The arithmetic is the same fp32
-GEMM; only the summation order differs. The backward pass (dx = dy W; a frozen weight gets
+GEMM; only the summation order differs (its RMS error against float64 measured 1.5-2x MKL's
+on these shapes, both at fp32 rounding level; tests/test_frozen_linear.py). The backward pass (dx = dy W; a frozen weight gets
 no gradient) runs against a second packed copy, of W^T, which is made the first time a
 backward needs it.
 
-Why: on the 2-core AMD EPYC (AVX-512) CI machine, oneDNN ran the SmolLM2-135M GEMMs
-11-30% faster at 92-1024 rows, 1.5-4x faster at 4 rows (decoding), and the lm_head
-1.3-4x faster (docs/cpu-vs-transformers.json; bench/cpu_peer.py).
+Why: on the 2-core AMD EPYC (AVX-512) CI machine, with the SmolLM2-135M configuration, this
+took our decoder from parity with transformers (0.98-1.01x its time on F.linear) to 0.80x for
+prefill at T 256, 0.90x at T 1024, 0.80x for the decoder side of a training step and 0.73x for
+greedy generation at batch 4 (docs/cpu-vs-transformers.json, made by bench/cpu_peer.py).
 Cost: one packed copy of every frozen weight; a second one once a backward runs through it.
 
 Layers: launcher ``_run`` -> ``_OneDNNLinear`` (autograd) -> public ``frozen_linear``.
