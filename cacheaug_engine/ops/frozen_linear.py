@@ -4,9 +4,9 @@ On the CPU, eager ``F.linear`` calls MKL sgemm. A frozen decoder's weights never
 we pack each one into oneDNN's blocked layout once (``mkldnn._reorder_linear_weight``) and
 run ``mkldnn._linear_pointwise`` against the packed copy. The arithmetic is the same fp32
 GEMM; only the summation order differs (its RMS error against float64 measured 1.5-2x MKL's
-on these shapes, both at fp32 rounding level; tests/test_frozen_linear.py). The backward pass (dx = dy W; a frozen weight gets
-no gradient) runs against a second packed copy, of W^T, which is made the first time a
-backward needs it.
+on these shapes, both at fp32 rounding level; tests/test_frozen_linear.py). The backward pass
+(dx = dy W; a frozen weight gets no gradient) runs against a second packed copy, of W^T, made
+the first time a backward needs it.
 
 Why: on the 2-core AMD EPYC (AVX-512) CI machine, with the SmolLM2-135M configuration, this
 took our decoder from parity with transformers (0.98-1.01x its time on F.linear) to 0.80x for
