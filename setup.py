@@ -83,9 +83,10 @@ ext_modules = [CMakeExtension("cacheaug_engine._C", ROOT)] if build_cuda else []
 setup(
     packages=[
         "cacheaug_engine",
-        "cacheaug_engine.ops",
-        "cacheaug_engine.models",
-        "cacheaug_engine.augment",
+        *(f"cacheaug_engine.{room}" for room in (
+            "ops", "ops.cuda", "models", "augment", "data", "train", "eval", "generation", "integrations", "cli",
+            "tooling",
+        )),
         "cacheaug_engine.triton_kernels",
         "cacheaug_engine.bench",
     ],

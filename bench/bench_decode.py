@@ -77,7 +77,7 @@ def _versions() -> dict:
 
 
 def _backends(device: torch.device, wanted: list[str]) -> dict[str, str | None]:
-    from cacheaug_engine.backends import backend_reason
+    from cacheaug_engine.ops.backends import backend_reason
 
     return {name: backend_reason(name, device) for name in wanted}
 

@@ -58,7 +58,7 @@ def prefix_lens(b: int, n: int, t: int, device) -> torch.Tensor:
 
 def visible_scores(lens: torch.Tensor, s: int, causal: bool, window: int | None) -> int:
     """Number of (query, key) pairs that are visible, per query head, summed over batch and blocks."""
-    from cacheaug_engine.reference import segment_visibility
+    from cacheaug_engine.ops.reference import segment_visibility
 
     total = 0
     for p in lens.flatten().tolist():

@@ -10,7 +10,7 @@ on the weights; nothing is downloaded).
 
 decode (op "decode_e2e"): greedy tokens/s after a prefill of T tokens, without latents
 and with N_L latents computed by the coprocessor and appended (latent time included);
-op "generate_n": n samples over one prompt through cacheaug_engine.generate when it
+op "generate_n": n samples over one prompt through cacheaug_engine.generation when it
 exists (cascade_decode over the shared prompt cache), else recorded unavailable.
 """
 
@@ -108,7 +108,7 @@ def run_train(ctx: BenchContext, dtype: torch.dtype, smoke: bool = False) -> Non
             def prepare(name: str = name, case: dict[str, Any] = case):
                 dec, cop, obj, ids, pos = _build(case, ctx.device, dtype, smoke)
                 if name in ("triton", "flex", "torch"):
-                    from cacheaug_engine.backends import backend_reason
+                    from cacheaug_engine.ops.backends import backend_reason
 
                     reason = backend_reason(name, ctx.device)
                     if reason is not None:
@@ -152,14 +152,14 @@ def decode_cases(smoke: bool) -> list[dict[str, Any]]:
 
 def _generate_fn() -> Callable[..., Any]:
     try:
-        import cacheaug_engine.generate as gen_mod
+        import cacheaug_engine.generation as gen_mod
     except Exception as exc:  # noqa: BLE001
-        raise Unavailable(f"cacheaug_engine.generate does not import: {type(exc).__name__}: {exc}") from exc
+        raise Unavailable(f"cacheaug_engine.generation does not import: {type(exc).__name__}: {exc}") from exc
     for name in ("generate", "generate_n", "sample"):
         fn = getattr(gen_mod, name, None)
         if callable(fn):
             return fn
-    raise Unavailable("cacheaug_engine.generate has no generate()/generate_n()/sample() function")
+    raise Unavailable("cacheaug_engine.generation has no generate()/generate_n()/sample() function")
 
 
 def _call_generate(fn: Callable[..., Any], dec: Any, cop: Any, ids: torch.Tensor, g: int, n: int) -> Any:

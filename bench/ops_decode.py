@@ -36,7 +36,7 @@ def _rnd(g: torch.Generator, device: torch.device, dtype: torch.dtype, *size: in
 
 
 def _check(backend: str, device: torch.device) -> None:
-    from cacheaug_engine.backends import backend_reason
+    from cacheaug_engine.ops.backends import backend_reason
 
     reason = backend_reason(backend, device)
     if reason is not None:
@@ -169,7 +169,7 @@ def _cascade_one(ctx: BenchContext, sh: DecodeShape, dtype: torch.dtype, names: 
             return run
         if name == "peer:decode_copies":
             from cacheaug_engine import decode_attention
-            from cacheaug_engine.backends import resolve_backend
+            from cacheaug_engine.ops.backends import resolve_backend
 
             be = resolve_backend("decode_attention", None, ctx.device)
             kc, vc, total = copies()

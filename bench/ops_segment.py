@@ -70,7 +70,7 @@ def _with_backward(forward: Callable[[], Tensor], x: dict[str, Any], grad: bool)
 
 def _ours(backend: str, shape: SegmentShape, x: dict[str, Any]) -> Callable[[], Tensor]:
     from cacheaug_engine import segment_attention
-    from cacheaug_engine.backends import backend_reason
+    from cacheaug_engine.ops.backends import backend_reason
 
     reason = backend_reason(backend, x["q"].device)
     if reason is not None:

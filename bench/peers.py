@@ -62,7 +62,7 @@ def sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float) -> 
 
 
 def block_local_mask(p: int, s: int, causal: bool, window: int | None, device: torch.device) -> Tensor:
-    from cacheaug_engine.reference import segment_visibility
+    from cacheaug_engine.ops.reference import segment_visibility
 
     return segment_visibility(p, s, causal=causal, window=window, device=device)
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from cacheaug_engine.backends import BackendUnavailableError
+from cacheaug_engine.ops.backends import BackendUnavailableError
 
 from . import timing
 

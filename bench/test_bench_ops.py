@@ -37,7 +37,7 @@ def _synced(fn, device: torch.device):
 
 
 def _skip_unavailable(name: str, device: torch.device) -> None:
-    from cacheaug_engine.backends import backend_reason
+    from cacheaug_engine.ops.backends import backend_reason
 
     if not name.startswith("peer:") and backend_reason(name, device) is not None:
         pytest.skip(backend_reason(name, device))

@@ -6,7 +6,8 @@ embeddings that are appended to it. See README.md.
 
 from __future__ import annotations
 
-from .backends import BackendUnavailableError, backends
+from cacheaug_engine.ops.backends import BackendUnavailableError, backends
+
 from .ops import cascade_decode, decode_attention, merge_states, segment_attention
 
 __version__ = "0.1.0"

@@ -19,7 +19,7 @@ try:
 
     settings.register_profile("ci", max_examples=8, deadline=None, derandomize=True)
     settings.register_profile("dev", max_examples=30, deadline=None)
-    # by hand, for hours: HYPOTHESIS_PROFILE=long pytest -m fuzz (tests/test_fuzz_ops.py)
+    # by hand, for hours: HYPOTHESIS_PROFILE=long pytest -m fuzz (tests/kernels/test_fuzz_ops.py)
     settings.register_profile("long", max_examples=1_000_000, deadline=None)
     settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 except ImportError:  # hypothesis is part of the [test] extra

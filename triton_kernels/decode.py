@@ -32,9 +32,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from cacheaug_engine.ops.decode_common import default_scale, public_decode_ops
-
 from .common import tanh
+from .host import default_scale, public_decode_ops
 
 _MIN_CHUNK = 256
 _MAX_SPLITS = 64

@@ -153,7 +153,7 @@ def candidates(kernel: str):
 # ----------------------------------------------------------------------------- compile rule
 # A candidate that fails to compile, spills registers, or needs more shared memory than the
 # device allows is never handed to the autotuner. The rule reads compile records (see
-# cacheaug_engine.kernel_compile), so the same rule holds for `cacheaug kernels --compile`
+# triton_kernels/compile_check.py), so the same rule holds for `cacheaug kernels --compile`
 # (ahead of time, sm_80 / sm_90, in CI) and for the live device, where each candidate is
 # compiled once for its compute capability (cached per specialisation) before autotuning.
 
@@ -191,7 +191,7 @@ def probe_rejection(kernel: str, fn, cfg, args: dict, arch: int, compile_fn=None
            *(args[k] for k in _PROBE_KEYS))
     if key not in _PROBED:
         if compile_fn is None:
-            from cacheaug_engine.kernel_compile import compile_launch as compile_fn
+            from .compile_check import compile_launch as compile_fn
         rec = compile_fn(fn, {**args, **cfg.kwargs}, arch=arch, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         _PROBED[key] = rejection(rec)
     return _PROBED[key]

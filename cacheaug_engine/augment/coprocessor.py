@@ -16,9 +16,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from cacheaug_engine.checks import check_field_types
+
 from ..models.cache import KVCache
 from ..models.protocol import DecoderLike
-from ..preflight import check_field_types
 from .layout import PLACEMENTS, BlockLayout, block_layout
 from .lora import DEFAULT_TARGETS, LoRALinear, add_lora, shared_clone
 

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .config import check_float_dtype
+from .config import DecoderConfig, check_float_dtype
 from .decoder import Decoder
 
 if TYPE_CHECKING:
@@ -51,3 +52,27 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     if _kind(path) == "hf":
         return load_hf_tokenizer(path)
     return load_gguf_tokenizer(path)
+
+
+def load_model(spec: str, device: str | torch.device = "cpu") -> Any:
+    """A frozen Decoder for "default", a model path, or "random:<config.json>" (fp32)."""
+    from .default import default_model_path  # default imports this module: a local import avoids the loop
+
+    if spec.startswith("random:"):
+        cfg_path = Path(spec[len("random:") :])
+        if not cfg_path.is_file():
+            raise FileNotFoundError(f"{cfg_path}: no such decoder config file (--model random:<config.json>)")
+        try:
+            cfg = DecoderConfig.from_dict(json.loads(cfg_path.read_text()))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"{cfg_path}: not a JSON decoder config ({e})") from None
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{cfg_path}: {e}") from None
+        model = Decoder.from_config(cfg, dtype=torch.float32, seed=0)
+    elif spec == "default":
+        model = load_decoder(default_model_path())
+    else:
+        if not Path(spec).exists():
+            raise FileNotFoundError(f"{spec}: no such model file or directory")
+        model = load_decoder(spec)
+    return model.to(device)

@@ -6,7 +6,7 @@
     merge_states       - exact log-sum-exp merge of two partial attentions
 
 Backends live in one place each: torch_impl.py (CPU path), flex_impl.py,
-cacheaug_engine.triton_kernels.{segment_attention,decode} and cacheaug_engine.cuda_ops.
+cacheaug_engine.triton_kernels.{segment_attention,decode} and cacheaug_engine.ops.cuda.launch.
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ from typing import cast
 import torch
 from torch import Tensor
 
-from ..backends import resolve_backend
+from cacheaug_engine.ops.backends import resolve_backend
+
 from . import validate
 from .plan import DecodePlan, SegmentPlan, impl, plan_decode, plan_segment_attention
 

@@ -21,8 +21,8 @@ import torch
 from torch import Tensor
 from torch.nn.attention.flex_attention import AuxRequest
 
-from ..backends import BackendUnavailableError
-from ..reference import finite_keys, lse_dtype
+from cacheaug_engine.ops.backends import BackendUnavailableError
+from cacheaug_engine.ops.reference import finite_keys, lse_dtype
 
 
 @cache

@@ -4,7 +4,7 @@ On the CPU, eager ``F.linear`` calls MKL sgemm. A frozen decoder's weights never
 we pack each one into oneDNN's blocked layout once (``mkldnn._reorder_linear_weight``) and
 run ``mkldnn._linear_pointwise`` against the packed copy. The arithmetic is the same fp32
 GEMM; only the summation order differs (its RMS error against float64 measured 1.5-2x MKL's
-on these shapes, both at fp32 rounding level; tests/test_frozen_linear.py). The backward pass
+on these shapes, both at fp32 rounding level; tests/ops/test_frozen_linear.py). The backward pass
 (dx = dy W; a frozen weight gets no gradient) runs against a second packed copy, of W^T, made
 the first time a backward needs it.
 

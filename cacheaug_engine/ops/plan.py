@@ -20,7 +20,6 @@ are plan-then-run. Usage::
 from __future__ import annotations
 
 import dataclasses
-import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,30 +27,39 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .. import reference
-from ..backends import resolve_backend
+from cacheaug_engine.ops import reference
+from cacheaug_engine.ops.backends import resolve_backend
+
 from . import torch_impl, validate
 
-_IMPL_MODULES = {
-    ("segment_attention", "torch"): "cacheaug_engine.ops.torch_impl",
-    ("segment_attention", "flex"): "cacheaug_engine.ops.flex_impl",
-    ("segment_attention", "triton"): "cacheaug_engine.triton_kernels.segment_attention",
-    ("decode_attention", "torch"): "cacheaug_engine.ops.torch_impl",
-    ("decode_attention", "triton"): "cacheaug_engine.triton_kernels.decode",
-    ("decode_attention", "cuda"): "cacheaug_engine.cuda_ops",
-    ("cascade_decode", "torch"): "cacheaug_engine.ops.torch_impl",
-    ("cascade_decode", "triton"): "cacheaug_engine.triton_kernels.decode",
-    ("cascade_decode", "cuda"): "cacheaug_engine.cuda_ops",
-    ("merge_states", "torch"): "cacheaug_engine.reference",
-    ("merge_states", "triton"): "cacheaug_engine.triton_kernels.decode",
-    ("merge_states", "cuda"): "cacheaug_engine.cuda_ops",
-}
+OPS = ("segment_attention", "decode_attention", "cascade_decode", "merge_states")
+
+
+def _backend_module(backend: str) -> Any:
+    """The module holding ``backend``'s ops. Static imports, made on first use: Triton is optional and
+    slow to import, and its kernels must be decorated after TRITON_INTERPRET is set."""
+    if backend == "torch":
+        return torch_impl
+    if backend == "flex":
+        from cacheaug_engine.ops import flex_impl
+
+        return flex_impl
+    if backend == "cuda":
+        from cacheaug_engine.ops.cuda import launch
+
+        return launch
+    if backend == "triton":
+        from cacheaug_engine.triton_kernels import decode, segment_attention
+
+        return {"segment_attention": segment_attention, "decode_attention": decode, "cascade_decode": decode,
+                "merge_states": decode}
+    raise ValueError(f"backend: expected one of torch, flex, triton, cuda, got {backend!r}")
+
 
 # Implementations resolved so far. The torch ones are bound at import so that a
 # torch.compile(fullgraph=True) trace through the torch backend never meets an import.
 _IMPLS: dict[tuple[str, str], Callable] = {
-    (op, "torch"): getattr(torch_impl if op != "merge_states" else reference, op)
-    for op in ("segment_attention", "decode_attention", "cascade_decode", "merge_states")
+    (op, "torch"): getattr(torch_impl if op != "merge_states" else reference, op) for op in OPS
 }
 
 
@@ -59,7 +67,11 @@ def impl(op: str, backend: str) -> Callable:
     """The implementation of ``op`` in ``backend`` (imported on first use)."""
     fn = _IMPLS.get((op, backend))
     if fn is None:
-        fn = _IMPLS[(op, backend)] = getattr(importlib.import_module(_IMPL_MODULES[(op, backend)]), op)
+        mod = _backend_module(backend)
+        mod = mod[op] if isinstance(mod, dict) else mod
+        if not hasattr(mod, op):
+            raise ValueError(f"op {op!r} has no {backend} implementation")
+        fn = _IMPLS[(op, backend)] = getattr(mod, op)
     return fn
 
 
@@ -283,7 +295,7 @@ def plan_decode(
     workspace = None
     if name == "cuda":
         # imported only when the cuda backend was chosen (it needs the extension), like the impls above
-        sized = importlib.import_module("cacheaug_engine.cuda_ops").workspace
+        sized = _backend_module("cuda").workspace
         workspace = sized(lens.shape[0], num_q_heads, num_kv_heads, head_dim, kv_capacity, shared_len, lens.device)
     return DecodePlan(
         lens, kv_capacity, name, shared_len is not None, softcap, window, scale, return_lse, workspace, head_dim,

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..reference import compute_dtype, finite_keys, lse_dtype, softcap_scores
+from cacheaug_engine.ops.reference import compute_dtype, finite_keys, lse_dtype, softcap_scores
 
 
 def _mask_scores(scores: Tensor, bad: Tensor, hidden: Tensor) -> Tensor:
@@ -121,7 +121,7 @@ def segment_attention(
         # SDPA only where no invisible key can reach a row through it: a huge finite key (q.k
         # overflowing to inf) meets the kernel's additive window mask as inf + -inf = NaN, and the
         # causal backward's dS = P * (dP - D) as 0 x inf from a huge v; the explicit path below
-        # overwrites those scores and probabilities instead (tests/test_poison.py).
+        # overwrites those scores and probabilities instead (tests/ops/test_poison.py).
         grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
         if not (causal and grad):
             return _blocks_sdpa(q, k, v, block_len=s, causal=causal, scale=scale)

@@ -1,0 +1,70 @@
+"""The ``cacheaug`` command line: demo, train, eval, generate, export, info, bench, kernels.
+
+Every subcommand takes ``--help``; train/demo accept ``--config FILE.json`` (keys of
+:class:`cacheaug_engine.train.config.TrainConfig`), with flags given on the command line winning.
+Their flags are derived from TrainConfig's fields (cli_args.add_train_flags): one per field.
+Bad paths and values end with one ``cacheaug: error: ...`` line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from typing import NoReturn
+
+from cacheaug_engine.cli import bench, demo, evaluate, export, generate, info, kernels, tasks, train
+from cacheaug_engine.cli.args import UsageError
+
+COMMANDS = (demo, train, evaluate, generate, export, info, bench, kernels, tasks)  # --help lists them in this order
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but errors are one line on stderr (no usage dump) and exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        sys.stderr.write(f"{self.prog}: error: {message}\n")
+        raise SystemExit(2)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full argument parser: one subcommand per module of this package."""
+    p = _Parser(prog="cacheaug", description="Differentiable cache augmentation on a frozen decoder.")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    for command in COMMANDS:
+        command.add_parser(sub)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``cacheaug`` script; returns the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    from cacheaug_engine.train.checkpoint import CheckpointError
+    from cacheaug_engine.train.numerics import NonFiniteLossError
+
+    try:
+        return int(args.func(args) or 0)
+    except UsageError as e:
+        sys.stderr.write(f"cacheaug: error: {e}\n")
+        return 2
+    except NonFiniteLossError as e:  # the run diverged: not a usage error, but still one line
+        sys.stderr.write(f"cacheaug: error: {e}\n")
+        return 1
+    except (CheckpointError, ValueError) as e:
+        sys.stderr.write(f"cacheaug: error: {e}\n")
+        return 2
+    except OSError as e:  # missing files, a full disk, permissions: say which file and why
+        msg = f"{e.filename}: {e.strerror}" if e.strerror and e.filename else str(e)
+        sys.stderr.write(f"cacheaug: error: {msg}\n")
+        return 2
+    except KeyboardInterrupt:
+        sys.stderr.write("cacheaug: interrupted\n")
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

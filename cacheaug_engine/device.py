@@ -1,0 +1,37 @@
+"""The device a command runs on and its autocast dtype: "auto" -> cuda when present, else cpu."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import torch
+
+from cacheaug_engine.checks import check_device
+
+
+def pick_device(name: str) -> torch.device:
+    """ "auto" -> cuda when available, else cpu; a named cuda without a device raises."""
+    check_device(name)  # a misspelt name or a missing GPU: ValueError naming --device
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device cuda requested but no CUDA device is available")
+    return dev
+
+
+def autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """bf16 autocast on CUDA; None (plain fp32) on the CPU."""
+    return torch.bfloat16 if device.type == "cuda" else None
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager[Any]:
+    """``torch.autocast(device.type, dtype)``, or a no-op context when ``dtype`` is None."""
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+
+
+
+
+
