@@ -1,20 +1,10 @@
-"""Checks that run before any model is loaded or any step is taken.
+"""Input checks shared by every room, run before any model is loaded or any kernel launched.
 
-Every bad value gets one ValueError that names the setting (config key and ``--flag``) and
-what was expected, so the CLI can print one line and exit 2 before minutes of loading or
-training are spent: field types and finiteness of a TrainConfig, ranges the dataclass does
-not check, the device name, data paths, a writable output directory, and which settings a
-``--resume`` may change.
-
-Resume policy (``RESUME_MAY_CHANGE``): the run length and cadence (steps, stop_after,
-eval_every, eval_seqs, save_every), where and how it runs (out, device, threads,
-grad_checkpoint) and the optimizer's hyper-parameters (lr, min_lr_ratio, warmup,
-weight_decay, clip, soft_lr_mult: the schedule continues from the resumed step with the new
-values) may change. Everything else (coprocessor shape and init, data, tokenizer, model,
-sequence layout, seed, held-out split) fixes tensor shapes or the data stream; a difference
-is refused with every differing key and both values, so state.json never records settings
-that the saved tensors do not have. ``init_from`` is ignored on resume (the checkpoint's
-own weights are continued).
+Every bad value gets one ValueError that names the setting (config key and ``--flag``, or the
+argument) and what was expected, so the CLI can print one line and exit 2 before minutes of
+loading or training are spent: field types and finiteness of a config dataclass, ints and
+numbers in range, the device name, data paths, a writable output directory or file. What only
+training checks (a TrainConfig's ranges, what a ``--resume`` may change) is in train/preflight.py.
 """
 
 from __future__ import annotations

@@ -21,17 +21,19 @@ def pick_device(name: str) -> torch.device:
     return dev
 
 
-def autocast_dtype(device: torch.device) -> torch.dtype | None:
-    """bf16 autocast on CUDA; None (plain fp32) on the CPU."""
-    return torch.bfloat16 if device.type == "cuda" else None
+PRECISIONS = ("auto", "fp32", "bf16", "bf16-weights")
+
+
+def autocast_dtype(device: torch.device, precision: str = "auto") -> torch.dtype | None:
+    """The autocast dtype of a precision setting: "auto" is bf16 on CUDA and None (plain fp32) on the
+    CPU; "fp32" is None; "bf16" and "bf16-weights" are bf16 on any device."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision: expected one of {PRECISIONS}, got {precision!r}")
+    if precision == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    return None if precision == "fp32" else torch.bfloat16
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager[Any]:
     """``torch.autocast(device.type, dtype)``, or a no-op context when ``dtype`` is None."""
     return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
-
-
-
-
-
-

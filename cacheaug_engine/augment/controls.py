@@ -9,7 +9,7 @@ the cache, on the same targets:
 * **shuffled**: the coprocessor's latents computed from *another* sequence's cache at the same
   points (:func:`shuffled_latents` rolls the batch by one row);
 * **mean**: the coprocessor's mean latent over a sample of training points, used everywhere
-  (:func:`mean_latent` + :class:`ConstantLatents`).
+  (``eval.evaluator.mean_latent`` + :class:`ConstantLatents`).
 
 :class:`LatentStats` gives the cache-dependence figure: the RMS of each point's deviation from
 the mean latent over the latent RMS (0 = a constant, i.e. a soft prompt).
@@ -17,13 +17,11 @@ the mean latent over the latent RMS (0 = a constant, i.e. a soft prompt).
 
 from __future__ import annotations
 
-from contextlib import nullcontext
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
-from .layout import BlockLayout, block_layout, stride_positions
+from .layout import BlockLayout
 
 
 class ConstantLatents(nn.Module):
@@ -60,42 +58,6 @@ def shuffled_latents(latents: Tensor, shift: int = 1) -> Tensor:
     if shift % b == 0:
         raise ValueError(f"shift {shift} maps every row of a batch of {b} onto itself")
     return latents.roll(shift, dims=0)
-
-
-@torch.no_grad()
-def mean_latent(
-    coprocessor: nn.Module,
-    decoder: nn.Module,
-    sequences: Tensor,
-    *,
-    ahead: int,
-    stride: int | None = None,
-    batch_size: int = 4,
-    autocast_dtype: torch.dtype | None = None,
-) -> Tensor:
-    """The coprocessor's mean latent fp32 [N_L, d] over evenly spaced points of ``sequences``
-    [n, T] (pass TRAINING sequences: the control must not see held-out text)."""
-    if sequences.shape[0] == 0:
-        raise ValueError("mean_latent needs at least one sequence")
-    stride = stride or ahead
-    t = sequences.shape[1]
-    dev = next(iter(coprocessor.parameters())).device
-    total, count = None, 0
-    was_training = coprocessor.training
-    coprocessor.eval()  # e.g. a centred coprocessor must not update its running mean here
-    for i in range(0, sequences.shape[0], batch_size):
-        ids = sequences[i : i + batch_size].to(dev)
-        pos = stride_positions(ids.shape[0], t, ahead, stride=stride, start=min(stride, t - ahead), device=dev)
-        lay = block_layout(pos, coprocessor.num_latents, ahead, coprocessor.placement)
-        ctx = torch.autocast(dev.type, dtype=autocast_dtype) if autocast_dtype else nullcontext()
-        with ctx:
-            cache = decoder.prefill(ids, logits_at=ids.new_zeros(ids.shape[0], 0))[1]
-            z = coprocessor(cache, lay).float()
-        s = z.sum((0, 1)).double()
-        total = s if total is None else total + s
-        count += z.shape[0] * z.shape[1]
-    coprocessor.train(was_training)
-    return (total / count).float()
 
 
 class LatentStats:

@@ -1,8 +1,8 @@
 """Command-line pieces the subcommands share: ``UsageError`` and TrainConfig <-> argparse.
 
-cli.py (train, demo) and demo.py both use these; keeping them here means neither of those
+cli/train.py and cli/demo.py both use these; keeping them here means neither of those
 imports the other. The train/demo flags are derived from TrainConfig's fields
-(train_config.py): a field added there gets its ``--flag`` with no edit here.
+(train/config.py): a field added there gets its ``--flag`` with no edit here.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
-"""The ``cacheaug`` command line: demo, train, eval, generate, export, info, bench, kernels.
+"""The ``cacheaug`` command line: one module per command in this package; ``main`` parses and dispatches.
 
 Every subcommand takes ``--help``; train/demo accept ``--config FILE.json`` (keys of
 :class:`cacheaug_engine.train.config.TrainConfig`), with flags given on the command line winning.
-Their flags are derived from TrainConfig's fields (cli_args.add_train_flags): one per field.
+Their flags are derived from TrainConfig's fields (cli/args.py add_train_flags): one per field.
 Bad paths and values end with one ``cacheaug: error: ...`` line on stderr and exit code 2.
 """
 

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from cacheaug_engine.data.text import encode, eos_id, tokenizer_fingerprint
+from cacheaug_engine.fileio import atomic_write
 
 Document = tuple[str, str]  # (id, text)
 _SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__", "turtledemo"}
@@ -158,10 +159,7 @@ def tokenize_documents(
     tokens = np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.int32)
     if use_cache:
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".tmp{os.getpid()}.npy")
-            np.save(tmp, tokens)
-            os.replace(tmp, path)
+            atomic_write(path, lambda tmp: _save_array(tmp, tokens))
         except OSError:
             pass
     return tokens
@@ -173,6 +171,11 @@ def pack(tokens: np.ndarray, seq_len: int) -> Tensor:
         raise ValueError(f"seq_len must be >= 2, got {seq_len}")
     n = len(tokens) // seq_len
     return torch.from_numpy(tokens[: n * seq_len].astype(np.int64)).view(n, seq_len)
+
+
+def _save_array(path: Path, array: np.ndarray) -> None:
+    with open(path, "wb") as f:  # a file object: np.save would append ".npy" to a path
+        np.save(f, array)
 
 
 @dataclass

@@ -14,13 +14,14 @@ change against each reference with a 95% interval; ``format_controls`` prints it
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from contextlib import nullcontext
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from cacheaug_engine.augment.controls import LatentStats, shuffled_latents
+from cacheaug_engine.augment.controls import ConstantLatents, LatentStats, shuffled_latents
 from cacheaug_engine.augment.layout import block_layout, stride_positions
 from cacheaug_engine.augment.objective import CacheAugmentationObjective
 from cacheaug_engine.eval.tables import METHODS, controls_table
@@ -33,6 +34,55 @@ def _batches(n: int, batch_size: int, min_rows: int) -> list[tuple[int, int]]:
         (a, _), (_, e) = out[-2], out[-1]
         out[-2:] = [(a, e)]
     return out
+
+
+def point_batches(
+    sequences: Tensor, *, ahead: int, stride: int, batch_size: int, min_rows: int, device: torch.device,
+    max_positions: int | None = None,
+) -> Iterator[tuple[Tensor, Tensor]]:
+    """The one evaluation loop's batches: (ids [b, T] on ``device``, points [b, N]) with points evenly
+    spaced at stride, 2*stride, ... (deterministic) in every sequence of ``sequences`` [n, T]."""
+    t = sequences.shape[1]
+    for a, e in _batches(sequences.shape[0], batch_size, min_rows):
+        ids = sequences[a:e].to(device)
+        pos = stride_positions(
+            ids.shape[0], t, ahead, stride=stride, start=min(stride, t - ahead), max_positions=max_positions,
+            device=device,
+        )
+        yield ids, pos
+
+
+@torch.no_grad()
+def mean_latent(
+    coprocessor: nn.Module,
+    decoder: nn.Module,
+    sequences: Tensor,
+    *,
+    ahead: int,
+    stride: int | None = None,
+    batch_size: int = 4,
+    autocast_dtype: torch.dtype | None = None,
+) -> Tensor:
+    """The coprocessor's mean latent fp32 [N_L, d] over evenly spaced points of ``sequences``
+    [n, T] (pass TRAINING sequences: the control must not see held-out text)."""
+    if sequences.shape[0] == 0:
+        raise ValueError("mean_latent needs at least one sequence")
+    dev = next(iter(coprocessor.parameters())).device
+    total, count = None, 0
+    was_training = coprocessor.training
+    coprocessor.eval()  # e.g. a centred coprocessor must not update its running mean here
+    for ids, pos in point_batches(sequences, ahead=ahead, stride=stride or ahead, batch_size=batch_size, min_rows=1,
+                                  device=dev):
+        lay = block_layout(pos, coprocessor.num_latents, ahead, coprocessor.placement)
+        ctx = torch.autocast(dev.type, dtype=autocast_dtype) if autocast_dtype else nullcontext()
+        with ctx:
+            cache = decoder.prefill(ids, logits_at=ids.new_zeros(ids.shape[0], 0))[1]
+            z = coprocessor(cache, lay).float()
+        s = z.sum((0, 1)).double()
+        total = s if total is None else total + s
+        count += z.shape[0] * z.shape[1]
+    coprocessor.train(was_training)
+    return (total / count).float()
 
 
 @torch.no_grad()
@@ -61,7 +111,7 @@ def evaluate_controls(
     Returns {"ahead", "ce": {method: list [n][N_A]}, "methods", "cache_dependence",
     "num_sequences", "points_per_sequence", "seconds"}.
     """
-    n, t = sequences.shape
+    n = sequences.shape[0]
     if n == 0:
         raise ValueError("no held-out sequences to evaluate (use more data or a larger held-out fraction)")
     if shuffled and n < 2:
@@ -80,11 +130,9 @@ def evaluate_controls(
     stats = LatentStats()
     npts = 0
     t0 = time.perf_counter()
-    for a, e in _batches(n, batch_size, 2 if shuffled else 1):
-        ids = sequences[a:e].to(dev)
-        pos = stride_positions(
-            ids.shape[0], t, na, stride=stride, start=min(stride, t - na), max_positions=max_positions, device=dev
-        )
+    batches = point_batches(sequences, ahead=na, stride=stride, batch_size=batch_size, min_rows=2 if shuffled else 1,
+                            device=dev, max_positions=max_positions)
+    for ids, pos in batches:
         npts = pos.shape[1]
         ctx = torch.autocast(dev.type, dtype=autocast_dtype) if autocast_dtype else nullcontext()
         with ctx:
@@ -115,16 +163,6 @@ def evaluate_controls(
     }
 
 
-
-
-
-
-
-
-
-
-
-
 def run_controls(
     objective: CacheAugmentationObjective,
     heldout: Tensor,
@@ -139,7 +177,6 @@ def run_controls(
 
     A pause table passed as the objective's own coprocessor is scored alone (no shuffled / mean:
     its latents never read a cache)."""
-    from cacheaug_engine.augment.controls import ConstantLatents, mean_latent
 
     cop = objective.coprocessor
     is_pause = bool(getattr(cop, "is_pause", False))

@@ -25,6 +25,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from cacheaug_engine.augment.coprocessor import Coprocessor
+from cacheaug_engine.fileio import atomic_write
 from cacheaug_engine.models import DecoderLike, KVCache
 
 
@@ -120,10 +121,8 @@ def save_latents(path: str | os.PathLike, handle: AugmentHandle, info: dict[str,
         "placement": handle.placement,
         "info": json.dumps(info or {}),
     }
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    save_file({"latents": handle.wait()[0].float().contiguous().cpu()}, str(tmp), metadata=meta)
-    os.replace(tmp, path)
-    return path
+    latents = {"latents": handle.wait()[0].float().contiguous().cpu()}
+    return atomic_write(path, lambda tmp: save_file(latents, str(tmp), metadata=meta))
 
 
 def load_latents(path: str | os.PathLike, device: str | torch.device = "cpu") -> AugmentHandle:

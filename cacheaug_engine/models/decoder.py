@@ -33,7 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .. import ops
+from cacheaug_engine import ops
+
 from ..ops.frozen_linear import FrozenLinear, check_backend
 from .cache import KVCache
 from .config import DecoderConfig, check_float_dtype

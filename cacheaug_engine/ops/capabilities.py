@@ -6,7 +6,7 @@ backends that cannot run a call in automatic selection, and to explain why a bac
 that was named cannot. Whether the backend is installed/usable on this machine at all
 (Triton present, CUDA extension built, a GPU) is ``backends.backend_reason``'s question;
 this table only describes the kernels. The numbers mirror the backends' own checks
-(triton_kernels/segment_attention.py ``check_supported``, cuda_ops.py ``HEAD_DIMS``).
+(triton_kernels/segment_attention.py ``check_supported``, ops/cuda/launch.py ``HEAD_DIMS``).
 """
 
 from __future__ import annotations

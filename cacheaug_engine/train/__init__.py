@@ -1,9 +1,3 @@
-"""Training: the ``Trainer`` (stateful: state_dict / load_state_dict), its ``TrainConfig``, checkpoints
-(plain and distributed, one atomic-write helper), DDP / FSDP2, the NaN guard and preflight checks."""
-
-from __future__ import annotations
-
-from cacheaug_engine.train.config import TrainConfig
-from cacheaug_engine.train.trainer import TrainResult, train
-
-__all__ = ["TrainConfig", "TrainResult", "train"]
+"""Training: the ``Trainer`` (trainer.py; stateful: state_dict / load_state_dict) and ``train``, its
+``TrainConfig`` (config.py), checkpoints (plain and distributed, written through ``fileio``), DDP / FSDP2,
+the NaN guard and preflight checks."""

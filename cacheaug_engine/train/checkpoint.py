@@ -29,6 +29,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from cacheaug_engine.augment.coprocessor import Coprocessor, CoprocessorConfig
+from cacheaug_engine.fileio import fsync_dir, fsync_file, write_text_synced
 from cacheaug_engine.train.config import TrainConfig
 
 COPRO_FILE, OPTIM_FILE, STATE_FILE = "coprocessor.safetensors", "optimizer.safetensors", "state.json"
@@ -70,24 +71,6 @@ class Checkpoint:
     def rng(self, name: str) -> Tensor | None:
         """A saved RNG state tensor ("torch", "positions", "cuda")."""
         return self.optimizer_tensors.get(f"rng.{name}")
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _contig(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -163,21 +146,18 @@ def _write_files(
     target = tmp / COPRO_FILE
     try:
         save_file(_contig(coprocessor), str(target), metadata=meta)
-        _fsync_file(target)
+        fsync_file(target)
         if optimizer_tensors:
             target = tmp / OPTIM_FILE
             save_file(_contig(optimizer_tensors), str(target), metadata=meta)
-            _fsync_file(target)
+            fsync_file(target)
         target = tmp / STATE_FILE
         text = json.dumps({"format": FORMAT, **state}, indent=1, sort_keys=True)
-        with open(target, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
+        write_text_synced(target, text)
     except Exception as e:  # OSError (ENOSPC, EIO), or safetensors' own error type wrapping one
         reason = (e.strerror or str(e)) if isinstance(e, OSError) else f"{type(e).__name__}: {e}"
         raise CheckpointError(f"{target}: cannot write checkpoint ({reason})") from None
-    _fsync_dir(tmp)
+    fsync_dir(tmp, missing_ok=True)
 
 
 def save_checkpoint(
@@ -240,7 +220,7 @@ def swap_in(tmp: Path, path: Path, complete: str = STATE_FILE) -> None:
     if path.exists():
         os.replace(path, old)
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent, missing_ok=True)
     if old.exists():
         shutil.rmtree(old, ignore_errors=True)
 

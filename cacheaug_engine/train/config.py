@@ -1,10 +1,10 @@
 """``TrainConfig``: every setting of a training run (the JSON ``--config`` takes), and its flags.
 
-Its own module so that train.py, evaluate.py, demo.py and cli.py can all read it without
+Its own module so that the trainer, the evaluator's callers and the command line can all read it without
 importing each other.
 
 Each field is declared with :func:`setting`, whose metadata (help text, choices, metavar)
-is all the command line needs: ``cli_args.add_train_flags`` derives one ``--flag-name`` per
+is all the command line needs: ``cli.args.add_train_flags`` derives one ``--flag-name`` per
 field (type from the annotation: int, float, str, ``X | None``, ``list[str]`` -> nargs="+",
 bool -> ``--x/--no-x``). Adding a field here gives ``cacheaug train`` and ``cacheaug demo``
 its flag with no other edit; tests/cli/test_cli.py checks that fields and flags match one to one.
@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from cacheaug_engine.augment.coprocessor import CoprocessorConfig
+from cacheaug_engine.device import PRECISIONS
 from cacheaug_engine.train.preflight import check_train_config
 
 
@@ -81,6 +82,12 @@ class TrainConfig:
     seed: int = setting(0, "random seed")
     device: str = setting("auto", '"auto", "cpu" or "cuda"')
     grad_checkpoint: bool = setting(False, "recompute activations in backward")
+    precision: str = setting(
+        "auto",
+        "auto: bf16 autocast on CUDA, fp32 on the CPU; bf16: bf16 autocast (fp32 weights); bf16-weights: the "
+        "frozen decoder held in bf16, trainable tensors fp32, under bf16 autocast",
+        choices=PRECISIONS,
+    )
     threads: int | None = setting(None, "torch CPU threads")
     stop_after: int | None = setting(None, "stop this run after N steps (the schedule still spans --steps)")
     distributed: str | None = setting(
@@ -89,27 +96,9 @@ class TrainConfig:
     dist_timeout: float = setting(300.0, "seconds a collective waits for the other ranks before failing")
 
     def validate(self) -> None:
-        """Raise ValueError naming the first bad value (types, finiteness, ranges: see preflight)."""
+        """Raise ValueError naming the first bad value: types, finiteness and ranges (checked once, in
+        train/preflight.py ``check_train_config``), then the coprocessor's own settings."""
         check_train_config(self)
-        positive = ("seq_len", "batch_size", "grad_accum", "num_latents", "ahead", "positions", "eval_seqs")
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("steps", "warmup", "eval_every", "save_every", "lora_rank"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
-        if not 0 <= self.min_lr_ratio <= 1:
-            raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
-        if self.min_prefix < 1:
-            raise ValueError(f"min_prefix must be >= 1, got {self.min_prefix}")
-        if self.positions + self.ahead + self.min_prefix >= self.seq_len + 2:
-            raise ValueError(f"seq_len {self.seq_len} too short for {self.positions} positions with ahead={self.ahead}")
-        if self.distributed not in (None, "ddp", "fsdp"):
-            raise ValueError(f"distributed must be ddp or fsdp, got {self.distributed!r}")
-        if not self.dist_timeout > 0:
-            raise ValueError(f"dist_timeout must be > 0 seconds, got {self.dist_timeout}")
         CoprocessorConfig(**self.coprocessor_kwargs())
 
     def coprocessor_kwargs(self) -> dict[str, Any]:

@@ -33,26 +33,12 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 
+from cacheaug_engine.fileio import fsync_dir, write_text_synced
 from cacheaug_engine.train.checkpoint import Checkpoint, CheckpointError, save_checkpoint, swap_in
 
 STATE_FILE, MARKER = "train_state.json", "COMPLETE"
 FORMAT = "cacheaug-dist-checkpoint/1"
 _COPRO = "coprocessor."
-
-
-def _fsync_write(path: Path, text: str) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def trainable_tensors(objective: nn.Module) -> dict[str, torch.Tensor]:
@@ -127,10 +113,10 @@ def save_dist_checkpoint(
     dcp.save(_dcp_state(objective, model, opt, generators), checkpoint_id=str(tmp))
     dist.barrier()  # every rank's shards are on disk before the marker says so
     if rank == 0:
-        _fsync_write(tmp / STATE_FILE, json.dumps({"format": FORMAT, **state}, indent=1, sort_keys=True))
-        _fsync_dir(tmp)
-        _fsync_write(tmp / MARKER, "ok\n")
-        _fsync_dir(tmp)
+        write_text_synced(tmp / STATE_FILE, json.dumps({"format": FORMAT, **state}, indent=1, sort_keys=True))
+        fsync_dir(tmp)
+        write_text_synced(tmp / MARKER, "ok\n")
+        fsync_dir(tmp)
         swap_in(tmp, path, complete=MARKER)
     dist.barrier()
     return path

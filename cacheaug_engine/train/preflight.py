@@ -24,11 +24,13 @@ from pathlib import Path
 from typing import Any
 
 from cacheaug_engine.checks import check_data_files, check_device, check_field_types, flag, probe_writable_dir
+from cacheaug_engine.device import PRECISIONS
 
 RESUME_MAY_CHANGE = frozenset(
     {
         "steps", "stop_after", "eval_every", "eval_seqs", "save_every", "out", "device", "threads",
-        "grad_checkpoint", "init_from", "lr", "min_lr_ratio", "warmup", "weight_decay", "clip", "soft_lr_mult",
+        "grad_checkpoint", "precision", "init_from", "lr", "min_lr_ratio", "warmup", "weight_decay", "clip",
+        "soft_lr_mult",
         "distributed", "dist_timeout",  # ddp <-> fsdp share the checkpoint format; batch_size: see train()
     }
 )
@@ -77,6 +79,19 @@ def check_train_config(cfg: Any) -> None:
             _at_least(cfg, name, 0)
     if not 0 <= cfg.heldout_frac < 1:
         raise ValueError(f"{flag('heldout_frac')}: expected a fraction in [0, 1), got {cfg.heldout_frac!r}")
+    if not 0 <= cfg.min_lr_ratio <= 1:
+        raise ValueError(f"{flag('min_lr_ratio')}: expected a fraction in [0, 1], got {cfg.min_lr_ratio!r}")
+    _at_least(cfg, "min_prefix", 1)
+    if cfg.positions + cfg.ahead + cfg.min_prefix >= cfg.seq_len + 2:
+        raise ValueError(
+            f"{flag('seq_len')}: seq_len {cfg.seq_len} too short for {cfg.positions} positions with "
+            f"ahead={cfg.ahead} and min_prefix={cfg.min_prefix} (needs seq_len >= positions + ahead + min_prefix - 1)"
+        )
+    if cfg.distributed not in (None, "ddp", "fsdp"):
+        raise ValueError(f"{flag('distributed')}: expected ddp or fsdp, got {cfg.distributed!r}")
+    _positive(cfg, "dist_timeout")
+    if cfg.precision not in PRECISIONS:
+        raise ValueError(f"{flag('precision')}: expected one of {', '.join(PRECISIONS)}, got {cfg.precision!r}")
     check_device(cfg.device, flag("device"))
 
 

@@ -11,6 +11,7 @@ objective's position sampler) and the loss and eval history - and nothing else.
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import sys
 import time
@@ -148,6 +149,8 @@ class Trainer:
             torch.set_num_threads(cfg.threads)
         self.device = ctx.device if ctx else pick_device(cfg.device)
         self.decoder = decoder if decoder is not None else load_model(cfg.model, self.device)
+        if cfg.precision == "bf16-weights":  # frozen weights in bf16; trainable tensors stay fp32 (below)
+            self.decoder.to(torch.bfloat16)
         if corpus is None:
             tokenizer = tokenizer if tokenizer is not None else load_tok(cfg.tokenizer, cfg.model)
             corpus = load_corpus(
@@ -166,6 +169,9 @@ class Trainer:
                 cfg = with_coprocessor_settings(cfg, cop.config.to_dict())
         self.cfg = cfg
         self.coprocessor = cop.to(self.device)
+        for p in cop.parameters():  # fp32 master copies of what trains, whatever the frozen weights' dtype
+            if p.requires_grad and p.dtype != torch.float32:
+                p.data = p.data.float()
         self.objective = CacheAugmentationObjective(
             self.decoder, cop, ahead=cfg.ahead, num_positions=cfg.positions, grad_checkpoint=cfg.grad_checkpoint,
             min_prefix=cfg.min_prefix, contrast=cfg.contrast, contrast_margin=cfg.contrast_margin,
@@ -179,7 +185,7 @@ class Trainer:
         self.evals: list[dict[str, Any]] = []
         self.step_count = 0
         self.last_saved: tuple[int, Path] | None = None
-        self.amp = autocast_dtype(self.device)
+        self.amp = autocast_dtype(self.device, cfg.precision)
         self.params = [p for p in cop.parameters() if p.requires_grad]
         if resumed is not None:
             if ctx is not None:
@@ -253,7 +259,9 @@ class Trainer:
     def load_state_dict(self, sd: dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned (the coprocessor's shape must match)."""
         self.coprocessor.load_trainable_state(sd["coprocessor"])
-        self.optimizer.load_state_dict(sd["optimizer"])
+        # torch's Optimizer.load_state_dict keeps the given state tensors when dtype and device match: a
+        # copy, so that a state_dict taken from a live Trainer is not shared with it
+        self.optimizer.load_state_dict(copy.deepcopy(sd["optimizer"]))
         restore_rng(Checkpoint(self.ckpt_path, {}, {}, dict(sd["rng"])), self.generators)
         self._load_progress(sd["state"])
 

@@ -8,11 +8,11 @@ import pytest
 import torch
 from model_fixtures import tiny_decoder
 
-from cacheaug_engine.augment.controls import ConstantLatents, LatentStats, mean_latent, shuffled_latents
+from cacheaug_engine.augment.controls import ConstantLatents, LatentStats, shuffled_latents
 from cacheaug_engine.augment.coprocessor import Coprocessor
 from cacheaug_engine.augment.layout import block_layout, stride_positions
 from cacheaug_engine.augment.objective import CacheAugmentationObjective
-from cacheaug_engine.eval.evaluator import evaluate_controls
+from cacheaug_engine.eval.evaluator import evaluate_controls, mean_latent
 from cacheaug_engine.eval.plots import plot_controls
 from cacheaug_engine.eval.tables import controls_table, format_controls, paired_interval
 

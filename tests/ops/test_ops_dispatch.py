@@ -167,7 +167,7 @@ def no_kernel(monkeypatch):
     monkeypatch.setattr(ops_mod, "impl", launched)
 
 
-def _seg(b=2, hq=4, hkv=2, n=3, s=5, t=11, dh=16):
+def _seg_args(b=2, hq=4, hkv=2, n=3, s=5, t=11, dh=16):
     g = torch.Generator().manual_seed(0)
     r = lambda *shape: torch.randn(*shape, generator=g)  # noqa: E731
     return dict(q=r(b, hq, n * s, dh), k=r(b, hkv, n * s, dh), v=r(b, hkv, n * s, dh), k_prefix=r(b, hkv, t, dh),
@@ -249,7 +249,7 @@ SEGMENT_BAD = [
 
 @pytest.mark.parametrize("mutate, exc, pattern", [c[1:] for c in SEGMENT_BAD], ids=[c[0] for c in SEGMENT_BAD])
 def test_segment_attention_bad_input(mutate, exc, pattern, no_kernel):
-    args = _seg()
+    args = _seg_args()
     mutate(args)
     with pytest.raises(exc) as info:
         _call_segment(args)
@@ -273,13 +273,13 @@ ENV_BAD = [
 def test_cacheaug_backend_env_is_checked(value, pattern, monkeypatch, no_kernel):
     monkeypatch.setenv("CACHEAUG_BACKEND", value)
     with pytest.raises(ValueError) as info:
-        _call_segment(_seg())
+        _call_segment(_seg_args())
     assert re.search(pattern, str(info.value)), str(info.value)
 
 
 def test_cacheaug_backend_env_valid_entries_still_work(monkeypatch):
     monkeypatch.setenv("CACHEAUG_BACKEND", " segment_attention = torch , decode_attention=torch ,")
-    args = _seg()
+    args = _seg_args()
     torch.testing.assert_close(_call_segment(args), _call_segment(dict(args, backend="torch")))
 
 
@@ -380,7 +380,7 @@ TRITON_BAD = [
 
 @pytest.mark.parametrize("mutate, exc, pattern", [c[1:] for c in TRITON_BAD], ids=[c[0] for c in TRITON_BAD])
 def test_triton_segment_bad_input(mutate, exc, pattern, no_triton_launch):
-    args = _to(_seg(), TDEV)
+    args = _to(_seg_args(), TDEV)
     mutate(args)
     with pytest.raises(exc) as info:
         _call_segment(dict(args, backend="triton"))
@@ -391,7 +391,7 @@ def test_triton_segment_bad_input(mutate, exc, pattern, no_triton_launch):
 
 
 def _expanded_cache():
-    a = _seg(b=1)
+    a = _seg_args(b=1)
     a = {k: (v.expand(3, *v.shape[1:]) if torch.is_tensor(v) and v.dim() == 4 else v) for k, v in a.items()}
     a["prefix_lens"] = torch.tensor([[0, 4, 11]] * 3, dtype=torch.int64)
     return a
@@ -399,11 +399,11 @@ def _expanded_cache():
 
 WORKS = {
     "transposed_views": lambda: {k: (v.transpose(1, 2).contiguous().transpose(1, 2) if torch.is_tensor(v) and v.dim()
-                                     == 4 else v) for k, v in _seg().items()},
+                                     == 4 else v) for k, v in _seg_args().items()},
     "batch_expanded_stride0": _expanded_cache,
-    "int64_noncontiguous_lens": lambda: dict(_seg(), prefix_lens=torch.tensor([[0, 2], [4, 2], [11, 9]]).t()),
+    "int64_noncontiguous_lens": lambda: dict(_seg_args(), prefix_lens=torch.tensor([[0, 2], [4, 2], [11, 9]]).t()),
     "dh_slice_stride2": lambda: {k: (torch.randn(*v.shape[:3], 32)[..., ::2] if torch.is_tensor(v) and v.dim() == 4
-                                     else v) for k, v in _seg().items()},
+                                     else v) for k, v in _seg_args().items()},
 }
 
 
@@ -438,7 +438,7 @@ def test_meta_tensors_give_shapes():
 def test_fake_tensors_skip_value_checks():
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    args = _seg()
+    args = _seg_args()
     with FakeTensorMode(allow_non_fake_inputs=False) as mode:
         fake = {k: (mode.from_tensor(v) if torch.is_tensor(v) else v) for k, v in args.items()}
         o = _call_segment(dict(fake, backend="torch"))

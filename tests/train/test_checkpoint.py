@@ -31,7 +31,7 @@ def test_save_order_keeps_old_until_new_is_in_place(tmp_path, monkeypatch):
     path = tmp_path / "ck"
     _save(path, 1)
     events: list[tuple[str, str]] = []
-    real_replace, real_rmtree, real_fsync_dir = os.replace, shutil.rmtree, ckpt_mod._fsync_dir
+    real_replace, real_rmtree, real_fsync_dir = os.replace, shutil.rmtree, ckpt_mod.fsync_dir
 
     def replace(src, dst):
         events.append(("replace", f"{Path(src).name}->{Path(dst).name}"))
@@ -41,13 +41,13 @@ def test_save_order_keeps_old_until_new_is_in_place(tmp_path, monkeypatch):
         events.append(("rmtree", Path(p).name))
         return real_rmtree(p, *a, **k)
 
-    def fsync_dir(p):
+    def fsync_dir(p, **kw):
         events.append(("fsync", Path(p).name))
-        return real_fsync_dir(p)
+        return real_fsync_dir(p, **kw)
 
     monkeypatch.setattr(ckpt_mod.os, "replace", replace)
     monkeypatch.setattr(ckpt_mod.shutil, "rmtree", rmtree)
-    monkeypatch.setattr(ckpt_mod, "_fsync_dir", fsync_dir)
+    monkeypatch.setattr(ckpt_mod, "fsync_dir", fsync_dir)
     _save(path, 2)
     tmp = f".ck.tmp-{os.getpid()}"
     assert events == [

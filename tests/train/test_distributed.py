@@ -218,7 +218,7 @@ def test_errors_without_torchrun(monkeypatch, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("cacheaug: error: --distributed ddp needs torchrun")
     assert main(["train", "--distributed", "ddp", "--dist-timeout", "0", "--out", str(tmp_path / "o")]) == 2
-    assert "dist_timeout must be > 0" in capsys.readouterr().err
+    assert "dist_timeout (--dist-timeout): expected a number > 0" in capsys.readouterr().err
     assert main(["demo", "--distributed", "fsdp", "--out", str(tmp_path / "o")]) == 2
     assert "the demo runs in one process" in capsys.readouterr().err
 

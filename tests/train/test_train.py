@@ -175,3 +175,43 @@ def test_export_and_init_from(tmp_path, corpus):
     assert again.coprocessor.num_latents == 2  # the checkpoint's coprocessor config wins
     for k, v in res.coprocessor.trainable_state().items():
         assert torch.allclose(again.coprocessor.trainable_state()[k], v, rtol=1e-2, atol=1e-3), k
+
+
+def test_trainer_is_stateful_and_resumes_exactly_from_its_state_dict(tmp_path, corpus):
+    from cacheaug_engine.train.trainer import Trainer
+
+    def trainer(out):
+        return Trainer(_cfg(tmp_path, out=str(tmp_path / out)), decoder=tiny_decoder("llama"), corpus=corpus,
+                       log=lambda s: None)
+
+    a = trainer("a")
+    for _ in range(2):
+        a.step()
+    sd = a.state_dict()
+    assert sd["state"]["step"] == 2 and set(sd) == {"coprocessor", "optimizer", "rng", "state"}
+    b = trainer("b")
+    b.load_state_dict(sd)
+    ra, rb = a.step(), b.step()  # the same batch, the same positions, the same optimizer moments
+    assert ra["loss"] == rb["loss"] and ra["step"] == rb["step"] == 3
+    for k, v in a.coprocessor.trainable_state().items():
+        assert torch.equal(v, b.coprocessor.trainable_state()[k]), k
+
+
+@pytest.mark.parametrize("precision", ["bf16", "bf16-weights"])
+def test_bf16_precisions_train_with_fp32_master_weights(tmp_path, corpus, precision):
+    from cacheaug_engine.train.trainer import Trainer
+
+    t = Trainer(_cfg(tmp_path, precision=precision), decoder=tiny_decoder("llama"), corpus=corpus, log=lambda s: None)
+    assert t.amp == torch.bfloat16
+    assert t.decoder.dtype == (torch.bfloat16 if precision == "bf16-weights" else torch.float32)
+    before = {k: v.clone() for k, v in t.coprocessor.trainable_state().items()}
+    row = t.step()
+    assert math.isfinite(row["loss"])
+    trainable = [p for p in t.coprocessor.parameters() if p.requires_grad]
+    assert trainable and all(p.dtype == torch.float32 for p in trainable)
+    assert any(not torch.equal(v, t.coprocessor.trainable_state()[k]) for k, v in before.items())
+
+
+def test_precision_is_checked_before_anything_loads(tmp_path):
+    with pytest.raises(ValueError, match="precision"):
+        _cfg(tmp_path, precision="fp8").validate()

@@ -2,7 +2,7 @@
 or DLPack (``__dlpack__``). No torch on this path: arrays are described by (pointer, shape,
 element strides, dtype) and handed to cacheaug_engine._C directly.
 
-    from cacheaug_engine import interop
+    from cacheaug_engine.ops.cuda import interop
     o, lse = interop.decode_attention(q, k, v, lens)            # CuPy arrays in, CuPy out
 
 Outputs (and the split-KV workspace) are allocated with CuPy when it is installed (or with
