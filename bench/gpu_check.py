@@ -31,6 +31,7 @@ import datetime as _dt
 import json
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -47,7 +48,7 @@ except ImportError:
 ROOT = Path(__file__).resolve().parent.parent
 STEPS = ("install", "pytest", "sanitizer", "bench", "train", "ncu")
 SCHEMA = "cacheaug-gpu-check/1"
-DEFAULT_BUDGET_S = {"gpu": 420.0, "rehearsal": 240.0}
+DEFAULT_BUDGET_S = {"gpu": 420.0, "rehearsal": 300.0}
 MAX_FILES = 8
 
 
@@ -209,7 +210,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("outdir", help="folder for gpu_check.json and the logs (created; files are overwritten)")
     p.add_argument("--budget-s", type=float, default=None,
-                   help="wall-clock seconds for all steps (default 420 on a GPU, 240 with --rehearse)")
+                   help="wall-clock seconds for all steps (default 420 on a GPU, 300 with --rehearse)")
     p.add_argument("--steps", default=",".join(STEPS), help=f"comma-separated subset of {','.join(STEPS)}")
     p.add_argument("--rehearse", action="store_true", default=os.environ.get("GPU_CHECK_REHEARSE") == "1",
                    help="CPU rehearsal (also GPU_CHECK_REHEARSE=1)")
@@ -237,7 +238,35 @@ def validate(args: argparse.Namespace) -> tuple[float, tuple[str, ...]]:
     return budget, steps
 
 
+def extract(check_json: Path, dest: Path) -> list[Path]:
+    """Write the bench and train result documents held in a gpu_check.json as bench/results files.
+
+    Names: <device>-<date>.json (bench all) and <device>-<date>-recipe.json (the training
+    run), ready for ``cacheaug bench plot``. Returns the paths written.
+    """
+    doc = json.loads(Path(check_json).read_text())
+    dest.mkdir(parents=True, exist_ok=True)
+    written = []
+    for step, suffix in (("bench", ""), ("train", "-recipe")):
+        res = (doc.get("steps", {}).get(step) or {}).get("results")
+        if not res:
+            continue
+        device = re.sub(r"[^a-z0-9]+", "-", str(res.get("device", "device")).lower()).strip("-")
+        path = dest / f"{device}-{str(res.get('date', ''))[:10]}{suffix}.json"
+        path.write_text(json.dumps(res, indent=1) + "\n")
+        written.append(path)
+    return written
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["extract"]:
+        if len(argv) != 3:
+            print("usage: python bench/gpu_check.py extract GPU_CHECK_JSON DEST_DIR", file=sys.stderr)
+            return 2
+        for path in extract(Path(argv[1]), Path(argv[2])):
+            print(path)
+        return 0
     args = parse_args(argv)
     try:
         budget, steps = validate(args)

@@ -42,6 +42,8 @@ SANITIZER_TESTS = (
     "tests/test_triton_segment_attention_cuda.py::test_model_heads[31-llama3-torch.bfloat16]",
     "tests/test_triton_segment_attention_cuda.py::test_model_heads[79-gemma2-torch.bfloat16]",
 )
+# racecheck is the slower tool: one decode case and one segment-attention case.
+RACECHECK_TESTS = (SANITIZER_TESTS[0], SANITIZER_TESTS[3])
 # The rehearsal's stand-in for `pytest -m cuda`: the interpreter tests of the same kernels,
 # a few cases each (the full files take minutes on a CPU).
 REHEARSAL_TESTS = (
@@ -118,10 +120,16 @@ def step_install(chk) -> dict[str, Any]:
             env["CACHEAUG_CUDA_ARCHS"] = cap.replace(".", "")  # this GPU only: half the build time
     res["build_env"] = {k: env[k] for k in ("CACHEAUG_BUILD_CUDA", "CACHEAUG_CUDA_ARCHS") if k in env}
     timeout = min(360.0, max(60.0, chk.remaining() * 0.5))
-    r = chk.run([chk.python, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--no-index", "-e", "."],
-                "install.log", timeout, env=env, append=bool(use))
+    pip_e = [chk.python, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--no-index", "-e", "."]
+    r = chk.run(pip_e, "install.log", timeout, env=env, append=bool(use))
     res.update(r)
-    if r["rc"] != 0:
+    fallback = None
+    if r["rc"] != 0 and not r["timed_out"] and env["CACHEAUG_BUILD_CUDA"] == "1":
+        # The CUDA build failed: install without it, so the Triton tests and benchmarks still run.
+        fallback = chk.run(pip_e, "install.log", min(120.0, max(30.0, chk.remaining() * 0.2)),
+                           env=dict(env, CACHEAUG_BUILD_CUDA="0"), append=True)
+        res["fallback_without_extension"] = fallback
+    if r["rc"] != 0 and (fallback is None or fallback["rc"] != 0):
         return {**res, "status": "timeout" if r["timed_out"] else "failed",
                 "reason": f"pip install -e . exited {r['rc']} (install.log)"}
     probe = ("import json, cacheaug_engine\nfrom cacheaug_engine.backends import backends\n"
@@ -135,8 +143,10 @@ def step_install(chk) -> dict[str, Any]:
         return {**res, "status": "failed", "reason": f"import after install failed: {p.stderr.strip()[-300:]}"}
     res["import"] = json.loads(p.stdout.strip().splitlines()[-1])
     ext_ok = str(res["import"]["extension"]).endswith(".so")
+    chk.doc["extension_built"] = ext_ok
     if not chk.rehearse and not ext_ok:
-        return {**res, "status": "failed", "reason": "the CUDA extension cacheaug_engine._C was not built"}
+        why = "the CUDA build failed; installed without it" if fallback else "cacheaug_engine._C was not built"
+        return {**res, "status": "failed", "reason": f"{why} (install.log): its tests are left out of pytest"}
     return {**res, "status": "ok"}
 
 
@@ -210,6 +220,9 @@ def step_pytest(chk) -> dict[str, Any]:
     else:
         workers = chk.pytest_workers if chk.pytest_workers is not None else (4 if _xdist(chk) else 0)
         cmd = [*base, "-m", "cuda", "tests"]
+        if chk.doc.get("extension_built") is False:  # every test of the cuda backend would fail first
+            cmd[-1:-1] = ["--ignore", "tests/test_decode_cuda.py"]
+            res["note"] = "tests/test_decode_cuda.py left out: the CUDA extension was not built (install step)"
     if workers:
         cmd[3:3] = ["-n", str(workers)]
     res["workers"] = workers
@@ -259,16 +272,18 @@ def step_sanitizer(chk) -> dict[str, Any]:
         return {**res, "status": "skipped", "reason": f"only {total:.0f} s left for it"}
     env = dict(chk.env, CACHEAUG_AUTOTUNE="0")
     status = "ok"
-    for name, share, extra_env in (("memcheck", 0.55, {"PYTORCH_NO_CUDA_MEMORY_CACHING": "1"}),
-                                   ("racecheck", 0.45, {})):
+    runs = (("memcheck", 0.55, {"PYTORCH_NO_CUDA_MEMORY_CACHING": "1"}, SANITIZER_TESTS),
+            ("racecheck", 0.45, {}, RACECHECK_TESTS))
+    for name, share, extra_env, tests in runs:
         cmd = [tool, "--tool", name, "--error-exitcode", "99", "--print-limit", "50", "--target-processes", "all",
-               chk.python, "-m", "pytest", "-p", "no:cacheprovider", "-q", "-x", *SANITIZER_TESTS]
+               chk.python, "-m", "pytest", "-p", "no:cacheprovider", "-v", "-x", *tests]
         log_before = (chk.out / "sanitizer.log").stat().st_size if (chk.out / "sanitizer.log").exists() else 0
         r = chk.run(cmd, "sanitizer.log", total * share, env=dict(env, **extra_env), append=name != "memcheck")
         with (chk.out / "sanitizer.log").open(errors="replace") as fh:
             fh.seek(log_before)
             text = fh.read()
-        r.update(sanitizer_summary(text))
+        r.update(sanitizer_summary(text), tests=list(tests),
+                 outcomes={t["id"]: t["outcome"] for t in parse_pytest_log(text)["tests"]})
         r["status"] = "timeout" if r["timed_out"] else ("ok" if r["rc"] == 0 else "failed")
         res[name] = r
         if r["status"] != "ok" and status == "ok":
@@ -278,13 +293,13 @@ def step_sanitizer(chk) -> dict[str, Any]:
     return {**res, "status": status, "reason": reason}
 
 
-def _bench(chk, what: str, budget: float, out_name: str, log: str) -> dict[str, Any]:
+def _bench(chk, what: str, budget: float, out_name: str, log: str, timeout: float) -> dict[str, Any]:
     out = chk.work / out_name
     cmd = [chk.python, "-m", "cacheaug_engine.bench", what, "--budget-s", f"{budget:.0f}", "--out", str(out),
            "--dtype", "bf16"]
     if chk.rehearse:
         cmd += ["--device", "cpu"]
-    r = chk.run(cmd, log, budget * 1.25 + 60)
+    r = chk.run(cmd, log, timeout)
     res: dict[str, Any] = {**r, "budget_s": round(budget)}
     if out.is_file():
         doc = json.loads(out.read_text())
@@ -303,11 +318,11 @@ def _bench(chk, what: str, budget: float, out_name: str, log: str) -> dict[str, 
 def step_bench(chk) -> dict[str, Any]:
     """cacheaug bench all at the size the budget left allows (the train step keeps a reserve)."""
     left = chk.remaining()
-    reserve = 0.2 * left if left > 200 else 0.0
-    budget = (left - reserve - 30) / 1.25
+    reserve = max(35.0, 0.2 * left) if "train" in chk.steps else 0.0  # (d) runs if time remains: keep some
+    budget = (left - reserve - 20) / 1.25
     if budget < 20:
         return {"status": "skipped", "reason": f"only {left:.0f} s left"}
-    return _bench(chk, "all", budget, "bench.json", "bench.log")
+    return _bench(chk, "all", budget, "bench.json", "bench.log", left - reserve - 5)
 
 
 def step_train(chk) -> dict[str, Any]:
@@ -316,7 +331,7 @@ def step_train(chk) -> dict[str, Any]:
     budget = (left - 20) / 1.25
     if budget < 15:
         return {"status": "skipped", "reason": f"only {left:.0f} s left"}
-    return _bench(chk, "recipe", budget, "train.json", "train.log")
+    return _bench(chk, "recipe", budget, "train.json", "train.log", left - 5)
 
 
 def judge_targets(chk) -> dict[str, Any]:

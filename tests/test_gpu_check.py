@@ -172,3 +172,13 @@ def test_gpu_check_refuses_bad_arguments(tmp_path, capsys, argv, msg):
     assert gpu_check.main([str(tmp_path / "o"), "--rehearse", *argv]) == 2
     assert msg in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_extract_writes_the_result_documents(tmp_path):
+    res = {"device": "NVIDIA H200", "date": "2026-12-03T10:00:00+00:00", "records": []}
+    doc = {"steps": {"bench": {"results": res}, "train": {"status": "skipped"}}}
+    src = tmp_path / "gpu_check.json"
+    src.write_text(json.dumps(doc))
+    written = gpu_check.extract(src, tmp_path / "results")
+    assert [p.name for p in written] == ["nvidia-h200-2026-12-03.json"]
+    assert json.loads(written[0].read_text()) == res
