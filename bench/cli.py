@@ -52,8 +52,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--time-budget", type=float, default=None,
                         help="seconds for the whole run (default: 540 for all on CUDA, none otherwise)")
     parser.add_argument("--budget-s", type=float, default=None,
-                        help="seconds for the whole run: picks shapes (the issue's target shapes first), peers and "
-                             "repeats to fit (bench/budget.py) and sets the deadlines; on the CPU: smoke shapes")
+                        help="seconds for the whole run: picks shapes (the performance targets' shapes first, "
+                             "bench/targets.py), peers and repeats to fit (bench/budget.py) and sets the "
+                             "deadlines; CPU: smoke shapes")
     parser.add_argument("--repeats", type=int, default=None, help="timed repeats per case (median)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed warm-up calls per case")
     parser.add_argument("--no-progress", action="store_true", help="no tqdm bars")

@@ -107,7 +107,7 @@ def recipe_cases(smoke: bool) -> list[dict[str, Any]]:
     Random weights: the shipped GGUF does not travel to a bare benchmark machine, and speed
     does not depend on the weights. Smoke: the same recipe on the tiny smoke decoder.
     """
-    from cacheaug_engine.train_config import TrainConfig
+    from cacheaug_engine.train.config import TrainConfig
 
     d = TrainConfig()
     return [{"model": "smollm2-135m", "B": d.batch_size, "T": d.seq_len, "N": d.positions, "N_L": d.num_latents,

