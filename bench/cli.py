@@ -23,18 +23,23 @@ from pathlib import Path
 
 import torch
 
-SECTIONS = ("ops", "train", "decode")
+SECTIONS = ("ops", "train", "decode")  # what `all` runs; `recipe` (the default training recipe) runs alone
 # Share of the time budget of each part (deadlines are cumulative, so unused time rolls
 # over to later parts). ops = segment + decode_attention + cascade + merge.
 SHARES = {"segment": 0.33, "decode_attention": 0.10, "cascade": 0.09, "merge": 0.03, "train": 0.25,
           "decode_e2e": 0.20}
 PARTS = {"ops": ("segment", "decode_attention", "cascade", "merge"), "train": ("train",),
-         "decode": ("decode_e2e",)}
+         "decode": ("decode_e2e",), "recipe": ("recipe",)}
+# With --budget-s the issue's targets come first (bench/targets.py): more of the time to
+# segment attention (its FlexAttention compiles dominate), less to end-to-end decoding.
+BUDGET_SHARES = {"segment": 0.45, "decode_attention": 0.08, "cascade": 0.08, "merge": 0.02, "train": 0.25,
+                 "decode_e2e": 0.12, "recipe": 1.0}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("what", choices=[*SECTIONS, "all", "plot", "cpu"],
-                        help="which benchmarks to run (or plot; cpu = ours vs transformers on the CPU, paired)")
+    parser.add_argument("what", choices=[*SECTIONS, "all", "recipe", "plot", "cpu"],
+                        help="which benchmarks to run (or plot; cpu = ours vs transformers on the CPU, paired; "
+                             "recipe = training steps at the default recipe's shapes vs the naive loop and flex)")
     parser.add_argument("inputs", nargs="*", help="plot: result JSON files")
     parser.add_argument("--out", help="JSON file to write (run) / Markdown table file (plot)")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU, seconds (CI)")
@@ -46,6 +51,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="default bf16 on CUDA, fp32 on the CPU")
     parser.add_argument("--time-budget", type=float, default=None,
                         help="seconds for the whole run (default: 540 for all on CUDA, none otherwise)")
+    parser.add_argument("--budget-s", type=float, default=None,
+                        help="seconds for the whole run: picks shapes (the performance targets' shapes first, "
+                             "bench/targets.py), peers and repeats to fit (bench/budget.py) and sets the "
+                             "deadlines; CPU: smoke shapes")
     parser.add_argument("--repeats", type=int, default=None, help="timed repeats per case (median)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed warm-up calls per case")
     parser.add_argument("--no-progress", action="store_true", help="no tqdm bars")
@@ -73,7 +82,12 @@ def _prepare_torch() -> None:
 
 
 def run_sections(args: argparse.Namespace) -> dict:
-    from . import e2e, ops_decode, ops_segment, shapes
+    """Run the sections ``args.what`` names; write (and return) the result document.
+
+    The file is rewritten after every part, so a run killed from outside keeps what finished.
+    """
+    from . import e2e, ops_decode, ops_segment
+    from .budget import plan_for_budget
     from .records import BenchContext, write_results
 
     smoke = bool(args.smoke)
@@ -81,40 +95,73 @@ def run_sections(args: argparse.Namespace) -> dict:
     device = torch.device(dev_name)
     dtype = _dtype(args.dtype, device)
     sections = list(SECTIONS) if args.what == "all" else [args.what]
-    budget = args.time_budget
+    parts = [p for section in sections for p in PARTS[section]]
+    plan = None
+    if args.budget_s is not None:
+        if args.time_budget is not None:
+            raise ValueError("give --budget-s or --time-budget, not both")
+        shares = {p: BUDGET_SHARES[p] for p in parts}
+        plan = plan_for_budget(args.budget_s, "cpu" if smoke else device.type, tuple(sections), shares)
+        smoke = smoke or plan.level == "smoke"
+    budget = plan.budget_s if plan is not None else args.time_budget
     if budget is None and args.what == "all" and device.type == "cuda":
         budget = 540.0
     grid = args.grid or ("quick" if args.what == "all" else "sweep")
     _prepare_torch()
-    ctx = BenchContext(device, smoke=smoke, repeats=args.repeats, warmup=args.warmup, time_budget_s=None,
+    repeats = args.repeats if args.repeats is not None or plan is None else plan.repeats
+    warmup = args.warmup if args.warmup is not None or plan is None else plan.warmup
+    ctx = BenchContext(device, smoke=smoke, repeats=repeats, warmup=warmup, time_budget_s=None,
                        progress=not args.no_progress)
-    parts = [p for section in sections for p in PARTS[section]]
-    total_share = sum(SHARES[p] for p in parts)
-    used_share = 0.0
-    for part in parts:
-        used_share += SHARES[part]
-        if budget is not None:
-            ctx.time_budget_s = budget * used_share / total_share  # deadline from the start of the run
-        if part == "segment":
-            ops_segment.run_segment(ctx, shapes.segment_shapes(grid, smoke), dtype)
-        elif part == "decode_attention":
-            ops_decode.run_decode(ctx, shapes.decode_shapes(smoke), dtype)
-        elif part == "cascade":
-            ops_decode.run_cascade(ctx, shapes.cascade_shapes(smoke), dtype)
-        elif part == "merge":
-            ops_decode.run_merge(ctx, shapes.merge_shapes(smoke), dtype)
-        elif part == "train":
-            e2e.run_train(ctx, dtype, smoke=smoke)
-        elif part == "decode_e2e":
-            e2e.run_generate(ctx, dtype, smoke=smoke)
     out = args.out or f"bench-{args.what}{'-smoke' if smoke else ''}.json"
-    extra = {"config": {"what": args.what, "grid": grid, "dtype": str(dtype).replace("torch.", ""),
+    extra = {"config": {"what": args.what, "grid": "budget" if plan else grid,
+                        "dtype": str(dtype).replace("torch.", ""),
                         "time_budget_s": budget, "repeats": ctx.timer.repeats, "warmup": ctx.timer.warmup,
                         "l2_flush_bytes": ctx.timer.flush_l2 and 256 * 2**20,
-                        "triton_interpret": os.environ.get("TRITON_INTERPRET", "0") == "1"}}
-    doc = write_results(out, ctx, sections, smoke=smoke, extra=extra)
+                        "triton_interpret": os.environ.get("TRITON_INTERPRET", "0") == "1",
+                        "plan": plan.summary() if plan else None,
+                        "parts_done": []}}
+    shares = plan.shares if plan is not None else SHARES
+    total_share = sum(shares.get(p, SHARES.get(p, 1.0)) for p in parts)
+    used_share = 0.0
+    for part in parts:
+        used_share += shares.get(part, SHARES.get(part, 1.0))
+        if budget is not None:
+            ctx.time_budget_s = budget * used_share / total_share  # deadline from the start of the run
+        _run_part(part, ctx, dtype, smoke, grid, plan, e2e, ops_decode, ops_segment)
+        extra["config"]["parts_done"].append(part)
+        doc = write_results(out, ctx, sections, smoke=smoke, extra=extra)
     doc["_path"] = str(out)
     return doc
+
+
+def _run_part(part: str, ctx, dtype: torch.dtype, smoke: bool, grid: str, plan, e2e, ops_decode,
+              ops_segment) -> None:
+    """One part of a run: the plan's shapes when a budget plan is given, else the grid's."""
+    from . import shapes
+
+    if part == "segment":
+        if plan is not None:
+            ops_segment.run_segment(ctx, plan.segment, dtype, peer_names=plan.segment_peers)
+        else:
+            ops_segment.run_segment(ctx, shapes.segment_shapes(grid, smoke), dtype)
+    elif part == "decode_attention":
+        ops_decode.run_decode(ctx, plan.decode if plan else shapes.decode_shapes(smoke), dtype)
+    elif part == "cascade":
+        ops_decode.run_cascade(ctx, plan.cascade if plan else shapes.cascade_shapes(smoke), dtype)
+    elif part == "merge":
+        ops_decode.run_merge(ctx, plan.merge if plan else shapes.merge_shapes(smoke), dtype)
+    elif part == "train":
+        if plan is not None:
+            e2e.run_train(ctx, dtype, smoke=smoke, cases=plan.train, names=plan.train_names)
+        else:
+            e2e.run_train(ctx, dtype, smoke=smoke)
+    elif part == "recipe":
+        names = ("default", "flex", "peer:naive_loop") if plan is not None else e2e.TRAIN_NAMES
+        e2e.run_train(ctx, dtype, smoke=smoke, cases=e2e.recipe_cases(smoke), names=names)
+    elif part == "decode_e2e":
+        e2e.run_generate(ctx, dtype, smoke=smoke, cases=plan.decode_e2e if plan else None)
+    else:
+        raise ValueError(f"unknown benchmark part {part!r}")
 
 
 def _summary(doc: dict) -> str:

@@ -98,9 +98,28 @@ def _build(case: dict[str, Any], device: torch.device, dtype: torch.dtype, smoke
     return dec, cop, obj, ids, pos.to(device)
 
 
-def run_train(ctx: BenchContext, dtype: torch.dtype, smoke: bool = False) -> None:
-    cases = train_cases(smoke)
-    names = ["default", "triton", "flex", "torch", "peer:naive_loop"]
+TRAIN_NAMES = ("default", "triton", "flex", "torch", "peer:naive_loop")
+
+
+def recipe_cases(smoke: bool) -> list[dict[str, Any]]:
+    """The default training recipe's shapes (TrainConfig's defaults on SmolLM2-135M), one case.
+
+    Random weights: the shipped GGUF does not travel to a bare benchmark machine, and speed
+    does not depend on the weights. Smoke: the same recipe on the tiny smoke decoder.
+    """
+    from cacheaug_engine.train.config import TrainConfig
+
+    d = TrainConfig()
+    return [{"model": "smollm2-135m", "B": d.batch_size, "T": d.seq_len, "N": d.positions, "N_L": d.num_latents,
+             "N_A": d.ahead, "lora": d.lora_rank, "recipe": "default"}] if not smoke else [
+        {"model": "smollm2-135m", "B": 2, "T": 48, "N": 4, "N_L": 4, "N_A": 4, "lora": 4, "recipe": "default"}]
+
+
+def run_train(ctx: BenchContext, dtype: torch.dtype, smoke: bool = False,
+              cases: list[dict[str, Any]] | None = None, names: tuple[str, ...] = TRAIN_NAMES) -> None:
+    """train_step records for ``cases`` (default: train_cases(smoke)) and each of ``names``."""
+    cases = train_cases(smoke) if cases is None else cases
+    names = list(names)
     ctx.start_section("train_step", len(cases) * len(names))
     for case in cases:
         shape = dict(case)
@@ -176,8 +195,10 @@ def _call_generate(fn: Callable[..., Any], dec: Any, cop: Any, ids: torch.Tensor
     return fn(dec, ids, **kw)
 
 
-def run_generate(ctx: BenchContext, dtype: torch.dtype, smoke: bool = False) -> None:
-    cases = decode_cases(smoke)
+def run_generate(ctx: BenchContext, dtype: torch.dtype, smoke: bool = False,
+                 cases: list[dict[str, Any]] | None = None) -> None:
+    """decode_e2e and generate_n records for ``cases`` (default: decode_cases(smoke))."""
+    cases = decode_cases(smoke) if cases is None else cases
     names = ["no_latents", "with_latents"]
     n_samples = 4 if smoke else 16
     ctx.start_section("decode_e2e", len(cases) * len(names) + 2)

@@ -152,3 +152,47 @@ def merge_shapes(smoke: bool = False) -> list[tuple[int, int, int]]:
     if smoke:
         return [(4 * 9, 64, 1)]
     return [(16 * 32, 128, 1), (256 * 32, 128, 1), (4096 * 32, 128, 1), (256 * 8, 256, 1)]
+
+
+# --- the issue's targets (bench/targets.py): the shapes each target is judged on ----------------
+
+TARGET_SEGMENT_T = (2048, 8192)
+TARGET_SEGMENT_NL = (16, 64)  # S = N_L + N_A - 1 = 31 and 79
+TARGET_SEGMENT_N = 64
+TARGET_DECODE_MIN_T = 32768
+TARGET_CASCADE = (16384, 32)  # T, B
+
+
+def target_segment_shapes() -> list[SegmentShape]:
+    """Gemma-2-2B, Llama-3-8B and SmolLM2 heads x T {2k, 8k} x S {31, 79}, N = 64, in priority order.
+
+    First Llama-3-8B at T = 8k, S = 31 (it serves the fwd+bwd ratios and the fwd % of matmul
+    peak), then one shape per model, then the rest: a short budget still judges every target.
+    """
+    order = [("llama3-8b", 8192, 16), ("smollm2-135m", 2048, 16), ("gemma2-2b", 8192, 64),
+             ("llama3-8b", 8192, 64)]
+    out = [_seg(MODELS[m], t, TARGET_SEGMENT_N, nl) for m, t, nl in order]
+    for name in ("llama3-8b", "gemma2-2b", "smollm2-135m"):
+        for t in TARGET_SEGMENT_T:
+            for nl in TARGET_SEGMENT_NL:
+                shape = _seg(MODELS[name], t, TARGET_SEGMENT_N, nl)
+                if shape not in out:
+                    out.append(shape)
+    return out
+
+
+def target_decode_shapes() -> list[DecodeShape]:
+    """decode_attention at T >= 32k (Llama-3-8B first: the target's memory-bound case)."""
+    out = []
+    for name in ("llama3-8b", "smollm2-135m", "gemma2-2b"):
+        m = MODELS[name]
+        for t in (t for t in DECODE_T if t >= TARGET_DECODE_MIN_T):
+            out.append(DecodeShape(m.name, m.hq, m.hkv, m.dh, 16, t, m.softcap, m.window))
+    return out
+
+
+def target_cascade_shapes() -> list[DecodeShape]:
+    """32 requests over one 16k prompt, per model."""
+    t, b = TARGET_CASCADE
+    return [DecodeShape(MODELS[n].name, MODELS[n].hq, MODELS[n].hkv, MODELS[n].dh, b, t, MODELS[n].softcap,
+                        MODELS[n].window, CASCADE_SUFFIX) for n in ("llama3-8b", "smollm2-135m", "gemma2-2b")]

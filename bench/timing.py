@@ -9,6 +9,7 @@ Nothing here touches CUDA at import time.
 from __future__ import annotations
 
 import datetime as _dt
+import os
 import platform
 import statistics
 import subprocess
@@ -173,6 +174,10 @@ def versions() -> dict[str, str | None]:
 
 
 def git_commit() -> str | None:
+    """HEAD (+ "-dirty"), or CACHEAUG_GIT_COMMIT where set (a copy of the tree without .git)."""
+    given = os.environ.get("CACHEAUG_GIT_COMMIT")
+    if given:
+        return given
     root = Path(__file__).resolve().parent.parent
     try:
         out = subprocess.run(
