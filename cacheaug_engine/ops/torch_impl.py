@@ -23,24 +23,34 @@ from torch import Tensor
 from cacheaug_engine.ops.reference import compute_dtype, finite_keys, lse_dtype, softcap_scores
 
 
-def _mask_scores(scores: Tensor, bad: Tensor, hidden: Tensor) -> Tensor:
-    """NaN where a key holds a non-finite value, then -inf where the key is hidden from the row:
-    scores are overwritten, never added to (an overflowed hidden score + -inf would be NaN)."""
+def _mask_scores(scores: Tensor, bad: Tensor, hidden: Tensor, softcap: float | None) -> Tensor:
+    """Softcap, NaN where a key holds a non-finite value, then -inf where the key is hidden from the row:
+    scores are overwritten, never added to (an overflowed hidden score + -inf would be NaN). Hidden
+    scores are zeroed before the softcap, so its derivative never meets an overflowed (inf / NaN)
+    hidden score: 0 x NaN would carry a hidden key into dq."""
+    if softcap is not None:
+        scores = softcap_scores(scores.masked_fill(hidden, 0.0), softcap)
     return scores.masked_fill(bad, float("nan")).masked_fill_(hidden, float("-inf"))
 
 
 @overload
-def _softmax_rows(scores: Tensor, bad: Tensor, hidden: Tensor) -> tuple[Tensor, Tensor]: ...
+def _softmax_rows(
+    scores: Tensor, bad: Tensor, hidden: Tensor, *, softcap: float | None = None
+) -> tuple[Tensor, Tensor]: ...
 @overload
-def _softmax_rows(scores: Tensor, bad: Tensor, hidden: Tensor, with_lse: bool) -> tuple[Tensor, Tensor | None]: ...
-def _softmax_rows(scores: Tensor, bad: Tensor, hidden: Tensor, with_lse: bool = True) -> tuple[Tensor, Tensor | None]:
-    """Masked softmax along the last dim -> (probs, lse or None).
+def _softmax_rows(
+    scores: Tensor, bad: Tensor, hidden: Tensor, with_lse: bool, *, softcap: float | None = None
+) -> tuple[Tensor, Tensor | None]: ...
+def _softmax_rows(
+    scores: Tensor, bad: Tensor, hidden: Tensor, with_lse: bool = True, *, softcap: float | None = None
+) -> tuple[Tensor, Tensor | None]:
+    """Masked softmax of raw scores along the last dim (softcap applied here) -> (probs, lse or None).
 
     Hidden probabilities are 0 even in a row that sees a bad key (NaN throughout): 0, not NaN,
     must reach the dv / dk of keys that row cannot see. With lse, a row with nothing visible gives
     p = 0 and lse = -inf; without, every row must see a key (a plain fused softmax).
     """
-    scores = _mask_scores(scores, bad, hidden)
+    scores = _mask_scores(scores, bad, hidden, softcap)
     if not with_lse:
         return torch.softmax(scores, dim=-1).masked_fill(hidden, 0.0), None
     lse = torch.logsumexp(scores, dim=-1, keepdim=True)
@@ -140,15 +150,15 @@ def segment_attention(
     vp = v_prefix[:, :, :t_used].to(ct)
     kp, vp, bad_p = finite_keys(kp, vp)
     kl, vl, bad_l = finite_keys(kl, vl)
-    s_prefix = softcap_scores(torch.einsum("bhgnsd,bhtd->bhgnst", qg, kp) * scale, softcap)
-    s_local = softcap_scores(torch.einsum("bhgnsd,bhnjd->bhgnsj", qg, kl) * scale, softcap)
+    s_prefix = torch.einsum("bhgnsd,bhtd->bhgnst", qg, kp) * scale
+    s_local = torch.einsum("bhgnsd,bhnjd->bhgnsj", qg, kl) * scale
     scores = torch.cat([s_prefix, s_local], dim=-1)
     bad = torch.cat(
         [bad_p.view(b, hkv, 1, 1, 1, t_used).expand(b, hkv, 1, n, 1, t_used), bad_l.view(b, hkv, 1, n, 1, s)],
         dim=-1,
     )
     # segment rows always see their own key: the plain softmax serves when lse is not asked for
-    probs, lse = _softmax_rows(scores, bad, invisible, with_lse=return_lse)
+    probs, lse = _softmax_rows(scores, bad, invisible, with_lse=return_lse, softcap=softcap)
     out = torch.einsum("bhgnst,bhtd->bhgnsd", probs[..., :t_used], vp)
     out = out + torch.einsum("bhgnsj,bhnjd->bhgnsd", probs[..., t_used:], vl)
     out = out.reshape(b, hq, ns, dh).to(q.dtype)
@@ -157,10 +167,10 @@ def segment_attention(
     return out
 
 
-def _decode_scores(q: Tensor, k: Tensor, scale: float, softcap: float | None, shared: bool) -> Tensor:
-    """q [B, Hkv, G, Dh] against k [B, Hkv, L, Dh] (or [Hkv, L, Dh] when shared) -> [B, Hkv, G, L]."""
+def _decode_scores(q: Tensor, k: Tensor, scale: float, shared: bool) -> Tensor:
+    """q [B, Hkv, G, Dh] against k [B, Hkv, L, Dh] (or [Hkv, L, Dh] when shared) -> raw scores [B, Hkv, G, L]."""
     eq = "bhgd,hld->bhgl" if shared else "bhgd,bhld->bhgl"
-    return softcap_scores(torch.einsum(eq, q, k.to(q.dtype)) * scale, softcap)
+    return torch.einsum(eq, q, k.to(q.dtype)) * scale
 
 
 def decode_attention(
@@ -178,8 +188,8 @@ def decode_attention(
     visible = pos < n
     if window is not None:
         visible = visible & (pos > n - 1 - window)
-    scores = _decode_scores(qg, k, scale, softcap, shared=False)
-    probs, lse = _softmax_rows(scores, bad.unsqueeze(2), ~visible)
+    scores = _decode_scores(qg, k, scale, shared=False)
+    probs, lse = _softmax_rows(scores, bad.unsqueeze(2), ~visible, softcap=softcap)
     out = torch.einsum("bhgl,bhld->bhgd", probs, v).reshape(b, hq, dh).to(q.dtype)
     lse = lse.reshape(b, hq).to(lse_dtype(q.dtype))
     return (out, lse) if return_lse else out
@@ -206,13 +216,13 @@ def cascade_decode(
         visible = visible & (pos > q_pos - window)
     scores = torch.cat(
         [
-            _decode_scores(qg, k_shared, scale, softcap, shared=True),
-            _decode_scores(qg, k_suffix, scale, softcap, shared=False),
+            _decode_scores(qg, k_shared, scale, shared=True),
+            _decode_scores(qg, k_suffix, scale, shared=False),
         ],
         dim=-1,
     )
     bad = torch.cat([bad_s.unsqueeze(0).expand(b, hkv, t), bad_x], dim=-1).unsqueeze(2)
-    probs, lse = _softmax_rows(scores, bad, ~visible)
+    probs, lse = _softmax_rows(scores, bad, ~visible, softcap=softcap)
     out = torch.einsum("bhgl,hld->bhgd", probs[..., :t], v_shared)
     out = out + torch.einsum("bhgl,bhld->bhgd", probs[..., t:], v_suffix)
     out = out.reshape(b, hq, dh).to(q.dtype)
