@@ -275,3 +275,8 @@ def test_cuda_report_of_a_tiny_source(tmp_path):
     assert note is None
     got = [(r["kernel"], r["target"], r["spills"], r["shared_bytes"]) for r in recs]
     assert got == [("k(float*)", "sm_80", 0, 256)]
+
+
+def test_cuda_report_finds_the_repository_csrc():
+    # the report must read csrc/*.cu, not silently report "no CUDA sources" after a move
+    assert (cuda_resources.CSRC / "decode.cu").is_file(), cuda_resources.CSRC
