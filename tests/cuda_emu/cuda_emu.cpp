@@ -31,8 +31,8 @@ extern "C" void __sanitizer_finish_switch_fiber(void* fake_stack_save, const voi
 #error "cuda_emu: the fiber switch is written for x86-64"
 #endif
 
-// cuda_emu_switch(save, to): saves callee-saved registers, MXCSR and the x87 control word on the
-// current stack, stores the stack pointer in *save, and resumes the stack `to`.
+// cuda_emu_switch(save, to): saves the callee-saved registers on the current stack, stores the stack
+// pointer in *save, and resumes the stack `to` (the FP control state is shared: nothing changes it).
 extern "C" void cuda_emu_switch(void** save, void* to);
 asm(R"(
   .text
@@ -46,14 +46,8 @@ cuda_emu_switch:
   pushq %r13
   pushq %r14
   pushq %r15
-  subq $8, %rsp
-  stmxcsr (%rsp)
-  fnstcw 4(%rsp)
   movq %rsp, (%rdi)
   movq %rsi, %rsp
-  ldmxcsr (%rsp)
-  fldcw 4(%rsp)
-  addq $8, %rsp
   popq %r15
   popq %r14
   popq %r13
@@ -267,7 +261,6 @@ void init_fiber(Fiber& f) {
   *--s = 0;                                            // fake return address of fiber_entry
   *--s = reinterpret_cast<uint64_t>(&fiber_entry);     // popped by `ret`: rsp % 16 == 8 at entry
   for (int i = 0; i < 6; ++i) *--s = 0;                // rbp rbx r12-r15
-  *--s = 0x1F80ull | (0x037Full << 32);                // MXCSR default, x87 control word default
   f.sp = s;
   f.state = kReady;
   f.fake_stack = nullptr;
@@ -326,7 +319,7 @@ void resolve_stuck(int n) {
   }
   for (int i = 0; i < n; ++i) {
     const Fiber& f = t_fibers[i];
-    if (f.line != first_bar->line || strcmp(f.file, first_bar->file) != 0) {
+    if (f.line != first_bar->line || (f.file != first_bar->file && strcmp(f.file, first_bar->file) != 0)) {
       set_error(cudaErrorLaunchFailure,
                 fmt("cuda_emu: %s: divergent __syncthreads: thread %d waits at %s:%d, thread %d at %s:%d",
                     where().c_str(), first_bar->linear, first_bar->file, first_bar->line, f.linear, f.file, f.line));
@@ -408,7 +401,7 @@ uint64_t shfl_bits(const char* file, int line, int kind, unsigned mask, uint64_t
                         o.file, o.line)
                         .c_str());
     }
-  } else if (w.mask != mask || w.line != line || strcmp(w.file, file) != 0) {
+  } else if (w.mask != mask || w.line != line || (w.file != file && strcmp(w.file, file) != 0)) {
     device_fail(file, line,
                 fmt("divergent shuffles: this lane (mask 0x%08x) and lanes at %s:%d (mask 0x%08x)", mask, w.file,
                     w.line, w.mask)

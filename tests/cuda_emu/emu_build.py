@@ -28,11 +28,11 @@ REPO = HERE.parents[1]
 CSRC = REPO / "csrc"
 SOURCES = ("cacheaug.h", "decode_kernels.cuh", "decode.cu")
 HARNESS = ("cuda_emu.h", "cuda_emu.cpp", "include/cuda_pipeline.h", "emu_build.py")
-COMMON_FLAGS = ["-std=c++17", "-fPIC", "-shared", "-O1", "-g", "-fno-strict-aliasing", "-Wall", "-Wno-unknown-pragmas",
+COMMON_FLAGS = ["-std=c++17", "-fPIC", "-shared", "-g", "-fno-strict-aliasing", "-Wall", "-Wno-unknown-pragmas",
                 "-Wno-unused-function"]
 VARIANTS = {
-    "fast": [],
-    "san": ["-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer"],
+    "fast": ["-O2"],
+    "san": ["-O1", "-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer"],
 }
 
 _LAUNCH = re.compile(r"([A-Za-z_][\w:]*(?:<[^<>;]*>)?)<<<(.*?)>>>\(")

@@ -48,12 +48,12 @@ def empty_like_layout(shape, dtype, strided: bool = False, misalign: int = 0) ->
     return view[..., : shape[-1]]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def libs() -> dict:
     return {k: str(v) for k, v in emu_build.build().items()}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def fast_lib() -> Lib:
     return Lib(libs()["fast"])
 
