@@ -27,7 +27,17 @@ from decode_cases import (
     merge_inputs,
     rand,
 )
-from emu_checks import FWD, REV, SCHEDULES, cascade_emu, check_cascade_emu, check_decode_emu, decode_emu
+from emu_checks import (
+    FWD,
+    REV,
+    SCHEDULES,
+    cascade_emu,
+    cascade_reference64,
+    check_cascade_emu,
+    check_decode_emu,
+    decode_emu,
+    decode_reference64,
+)
 from poison_cases import CASCADE_GRID, CUDA_DH, DECODE_GRID, check_cascade, check_decode
 
 from cacheaug_engine import reference
@@ -81,7 +91,7 @@ def test_decode_strided_views(emu_libs, dh):
 
 def test_decode_long_cache_one_request(emu_libs):
     res = check_decode_emu(*decode_inputs("cpu", 1, 32, 8, 32768, 128, [32768], torch.bfloat16), REV)
-    assert res["splits"] == (33,)
+    assert res["splits"][0] > 1 and "reduce_kernel" in res["log"]
 
 
 @pytest.mark.parametrize("idx, dtype, schedule", _grid(CUDA_CASCADE_CASES, HEAVY_CASCADE, (torch.bfloat16,)))
@@ -201,6 +211,27 @@ def test_cascade_warp_layouts(emu_libs, b, hq, hkv):
     q, ks, vs, kx, vx, _ = cascade_inputs("cpu", b, hq, hkv, 130, 9, 64, [0] * b, torch.float32)
     sl = torch.tensor([(3 * i) % 10 for i in range(2 * b)], dtype=torch.int32)[::2]
     check_cascade_emu(q, ks, vs, kx, vx, sl, REV if b % 2 else FWD, softcap=6.0, window=20)
+
+
+@pytest.mark.parametrize("opts", [{}, dict(softcap=3.0, window=7), dict(window=1, scale=0.2)], ids=str)
+def test_reference64_matches_reference(opts):
+    """The batched float64 reference the emulated checks use is reference.py's cascade_decode and
+    decode_attention (NaN / Inf keys, visible or not, empty rows, GQA)."""
+    torch.manual_seed(3)
+    q, ks, vs = torch.randn(4, 6, 32), torch.randn(2, 9, 32), torch.randn(2, 9, 32)
+    kx, vx = torch.randn(4, 2, 5, 32), torch.randn(4, 2, 5, 32)
+    ks[1, 8, 3], vs[0, 2, 0], kx[1, 0, 1, 5], vx[2, 1, 4, 1] = float("inf"), float("nan"), float("-inf"), float("nan")
+    sl = torch.tensor([5, 0, 2, 4])
+    d = [x.double() for x in (q, ks, vs, kx, vx)]
+    got, want = cascade_reference64(q, ks, vs, kx, vx, sl, **opts), reference.cascade_decode(*d, sl, return_lse=True,
+                                                                                             **opts)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, equal_nan=True, rtol=1e-12, atol=1e-12)
+    lens = torch.tensor([5, 0, 2, 4])
+    got = decode_reference64(q, kx, vx, lens, **opts)
+    want = reference.decode_attention(q.double(), kx.double(), vx.double(), lens, return_lse=True, **opts)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, equal_nan=True, rtol=1e-12, atol=1e-12)
 
 
 def test_strided_inputs_are_really_strided():
