@@ -8,8 +8,7 @@ import emu_ops
 import torch
 from decode_cases import check_nonfinite
 
-from cacheaug_engine import reference
-from cacheaug_engine.ops import torch_impl
+from cacheaug_engine.ops import reference, torch_impl
 
 FWD, REV = "fwd-deferred", "rev-immediate"  # the two schedules (emu_ops.SCHEDULES)
 SCHEDULES = [FWD, REV]

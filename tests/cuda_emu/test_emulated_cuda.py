@@ -40,8 +40,7 @@ from emu_checks import (
 )
 from poison_cases import CASCADE_GRID, CUDA_DH, DECODE_GRID, check_cascade, check_decode
 
-from cacheaug_engine import reference
-from cacheaug_engine.ops import torch_impl
+from cacheaug_engine.ops import reference, torch_impl
 
 pytestmark = pytest.mark.cuda_emu
 

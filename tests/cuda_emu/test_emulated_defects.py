@@ -15,7 +15,7 @@ import torch
 from decode_cases import check_nonfinite, decode_inputs
 from emu_checks import FWD, REV, SCHEDULES, check_cascade_emu, check_decode_emu
 
-from cacheaug_engine import reference
+from cacheaug_engine.ops import reference
 
 pytestmark = pytest.mark.cuda_emu
 
