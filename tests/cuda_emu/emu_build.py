@@ -62,7 +62,7 @@ def compiler() -> str:
     return path
 
 
-def rewrite(text: str, bounds: dict[str, int]) -> str:
+def rewrite(text: str, bounds: dict[str, int], origin: str = "") -> str:
     """One source with its launches and __shared__ declarations rewritten (see the module doc)."""
 
     def launch(m: re.Match) -> str:
@@ -80,12 +80,33 @@ def rewrite(text: str, bounds: dict[str, int]) -> str:
     out = _SHARED.sub(shared, _LAUNCH.sub(launch, text))
     if "<<<" in out:
         raise ValueError("a kernel launch was not rewritten (the form k<<<...>>>(args) is expected)")
-    return out
+    return f'#line 1 "{origin}"\n{out}' if origin else out  # messages name the original file:line
 
 
-def _inputs_hash(cxx: str, inc: Path, flags: list[str]) -> str:
+# Translation units: (source directory, files, the .cu file compiled). "selftest": the emulator's own
+# checks (selftest_kernels.cu: one small kernel per rule it enforces).
+UNITS = {
+    "decode": (CSRC, SOURCES, "decode.cu"),
+    "selftest": (HERE, ("selftest_kernels.cu",), "selftest_kernels.cu"),
+}
+
+
+def _sources(unit: str, mutations: tuple[tuple[str, str, str], ...]) -> dict[str, str]:
+    """{file: text} of a unit with mutations (file, old, new) applied - each must apply exactly once."""
+    src_dir, files, _ = UNITS[unit]
+    texts = {s: (src_dir / s).read_text() for s in files}
+    for name, old, new in mutations:
+        if texts[name].count(old) != 1:
+            raise ValueError(f"mutation of {name}: {old!r} occurs {texts[name].count(old)} times, not once")
+        texts[name] = texts[name].replace(old, new)
+    return texts
+
+
+def _inputs_hash(cxx: str, inc: Path, flags: list[str], texts: dict[str, str]) -> str:
     h = hashlib.sha256()
-    for path in [CSRC / s for s in SOURCES] + [HERE / s for s in HARNESS]:
+    for name, text in sorted(texts.items()):
+        h.update(name.encode() + b"\0" + text.encode())
+    for path in [HERE / s for s in HARNESS]:
         h.update(path.name.encode() + b"\0" + path.read_bytes())
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True, check=False).stdout
     h.update("\0".join([cxx, version, str(inc), *flags]).encode())
@@ -96,26 +117,31 @@ def build_dir() -> Path:
     return Path(os.environ.get("CACHEAUG_EMU_BUILD_DIR", Path(tempfile.gettempdir()) / "cacheaug-cuda-emu"))
 
 
-def build(variants: tuple[str, ...] = ("fast", "san")) -> dict[str, Path]:
-    """{variant: path of the shared library}; compiles (in parallel) only what is not cached."""
+def build(variants: tuple[str, ...] = ("fast", "san"), unit: str = "decode",
+          mutations: tuple[tuple[str, str, str], ...] = ()) -> dict[str, Path]:
+    """{variant: path of the shared library} of a unit (UNITS), optionally with source mutations
+    (planted bugs, for the emulator's own tests); compiles in parallel only what is not cached."""
     cxx, inc = compiler(), cuda_include()
+    texts = _sources(unit, mutations)
+    main = UNITS[unit][2].replace(".cu", ".cpp")
     out: dict[str, Path] = {}
     jobs = []
     for variant in variants:
         flags = COMMON_FLAGS + VARIANTS[variant]
-        target = build_dir() / _inputs_hash(cxx, inc, flags) / f"libcacheaug_emu_{variant}.so"
+        target = build_dir() / _inputs_hash(cxx, inc, flags, texts) / f"libcacheaug_emu_{unit}_{variant}.so"
         out[variant] = target
         if target.is_file():
             continue
         target.parent.mkdir(parents=True, exist_ok=True)
         work = Path(tempfile.mkdtemp(prefix=f"build-{variant}-", dir=target.parent))
-        texts = {s: (CSRC / s).read_text() for s in SOURCES}
         bounds = {name: int(n) for t in texts.values() for n, name in _BOUNDS.findall(t)}
+        src_dir = UNITS[unit][0]
         for s, t in texts.items():
-            (work / (s.replace(".cu", ".cpp") if s.endswith(".cu") else s)).write_text(rewrite(t, bounds))
+            origin = str((src_dir / s).relative_to(REPO))
+            (work / (s.replace(".cu", ".cpp") if s.endswith(".cu") else s)).write_text(rewrite(t, bounds, origin))
         tmp_lib = work / target.name
         cmd = [cxx, *flags, "-include", str(HERE / "cuda_emu.h"), f"-I{HERE / 'include'}", f"-I{inc}", f"-I{work}",
-               str(work / "decode.cpp"), str(HERE / "cuda_emu.cpp"), "-o", str(tmp_lib)]
+               str(work / main), str(HERE / "cuda_emu.cpp"), "-o", str(tmp_lib)]
         jobs.append((variant, target, work, tmp_lib, subprocess.Popen(cmd, stdout=subprocess.PIPE,
                                                                       stderr=subprocess.STDOUT, text=True)))
     errors = []
