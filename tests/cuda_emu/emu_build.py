@@ -6,7 +6,7 @@ smem, stream, args)``, and every ``__shared__`` declaration is followed by a cal
 the array (0xFF fill at each block start, 48 KiB check, cp.async destination check). Everything
 else comes from ``g++ -include cuda_emu.h`` and the real CUDA headers.
 
-Two variants: ``fast`` (-O1) and ``san`` (-O1, AddressSanitizer + UndefinedBehaviorSanitizer,
+Two variants: ``fast`` (-O2) and ``san`` (-O1, AddressSanitizer + UndefinedBehaviorSanitizer,
 aborting on the first report; it must be loaded with libasan preloaded, see emu_driver.py).
 Builds are cached under a directory keyed by the hash of every input (sources, flags, compiler).
 """
