@@ -21,6 +21,7 @@ constexpr int kWaves = 2;
 constexpr int kMinChunk = 256;
 constexpr int kMaxSplits = 64;
 constexpr int kChunkAlign = 64;
+constexpr int kMaxGridY = 65535;  // splits are gridDim.y
 
 int fail(char* err, size_t n, int code, const char* fmt, const char* a = "", long long x = 0) {
   if (err != nullptr && n > 0) {
@@ -68,11 +69,16 @@ int sm_count(int* out, char* err, size_t n) {
 
 long long cdiv(long long a, long long b) { return (a + b - 1) / b; }
 
-// (splits, chunk) for a segment of t keys covered by n_ctas CTAs per split.
-void plan_splits(long long n_ctas, long long t, int sms, int requested, int* splits, int* chunk) {
+// (splits, chunk) for a segment of t keys covered by n_ctas CTAs per split, and *reserve: the
+// workspace slots to hold for t keys. The chunk is rounded up after the split count is chosen,
+// which can lower the count as t grows (132 SMs, 8 CTAs: 8448 keys 33 splits, 8449 keys 27), so
+// the workspace is sized by the count before rounding: never below the splits used, and never
+// decreasing in t - a workspace planned for a capacity fits every shorter run.
+void plan_splits(long long n_ctas, long long t, int sms, int requested, int* splits, int* chunk, int* reserve) {
   if (t <= 0) {
     *splits = 1;
     *chunk = kChunkAlign;
+    *reserve = 1;
     return;
   }
   long long s = requested > 0 ? requested : cdiv((long long)kWaves * sms, n_ctas > 0 ? n_ctas : 1);
@@ -80,10 +86,12 @@ void plan_splits(long long n_ctas, long long t, int sms, int requested, int* spl
   if (s > kMaxSplits && requested <= 0) s = kMaxSplits;
   if (s < 1) s = 1;
   if (s > t) s = t;
+  if (s > kMaxGridY) s = kMaxGridY;
   long long c = cdiv(t, s);
   if (requested <= 0) c = cdiv(c, kChunkAlign) * kChunkAlign;
   *chunk = (int)c;
   *splits = (int)cdiv(t, c);
+  *reserve = (int)s;
 }
 
 struct Layout {
@@ -232,10 +240,10 @@ int ca_decode_workspace(int B, int Hq, int Hkv, int64_t Tmax, int Dh, int num_sp
   if (Hkv <= 0 || Hq % Hkv != 0 || Tmax < 0 || Tmax > INT32_MAX)
     return fail(err, err_len, CA_ERR_INVALID, "%sbad sizes for decode (Hq %% Hkv != 0 or Tmax out of range)");
   const Layout L = decode_layout(B, Hq / Hkv);
-  int splits = 1, chunk = 0;
-  plan_splits(L.tiles * Hkv, Tmax, sms, num_splits, &splits, &chunk);
+  int splits = 1, chunk = 0, reserve = 1;
+  plan_splits(L.tiles * Hkv, Tmax, sms, num_splits, &splits, &chunk, &reserve);
   *splits_out = splits;
-  *bytes_out = splits > 1 ? (size_t)B * Hq * splits * (Dh + 1) * sizeof(float) : 0;
+  *bytes_out = reserve > 1 ? (size_t)B * Hq * reserve * (Dh + 1) * sizeof(float) : 0;
   return CA_OK;
 }
 
@@ -255,10 +263,10 @@ int ca_decode_attention(int dtype, int B, int Hq, int Hkv, int64_t Tmax, int Dh,
   if (workspace_bytes < need || (need > 0 && workspace == nullptr))
     return fail(err, err_len, CA_ERR_INVALID, "%sworkspace too small: need %lld bytes", "", (long long)need);
   const Layout L = decode_layout(B, Hq / Hkv);
-  int chunk = 0;
+  int chunk = 0, reserve = 0;
   int sms = 0;
   sm_count(&sms, nullptr, 0);
-  plan_splits(L.tiles * Hkv, Tmax, sms, num_splits, &splits, &chunk);
+  plan_splits(L.tiles * Hkv, Tmax, sms, num_splits, &splits, &chunk, &reserve);
   PartialParams p = base_params(dtype, B, Hq, Hkv, Dh, q, q_st, lens, lens_is_int64, lens_stride, scale, softcap,
                                 window);
   set_kv(p, dtype, k, k_st, v, v_st, false);
@@ -290,12 +298,12 @@ int ca_cascade_workspace(int B, int Hq, int Hkv, int64_t T, int64_t L, int Dh, i
   if (Hkv <= 0 || Hq % Hkv != 0 || T < 0 || L < 0 || T > INT32_MAX || L > INT32_MAX || T + L > INT32_MAX)
     return fail(err, err_len, CA_ERR_INVALID, "%sbad sizes for cascade (Hq %% Hkv != 0 or T/L out of range)");
   const int G = Hq / Hkv;
-  int sa = 0, sb = 0, chunk = 0;
-  if (T > 0) plan_splits(shared_layout(B, G).tiles * Hkv, T, sms, num_splits, &sa, &chunk);
-  if (L > 0) plan_splits(decode_layout(B, G).tiles * Hkv, L, sms, num_splits, &sb, &chunk);
+  int sa = 0, sb = 0, chunk = 0, ra = 0, rb = 0;
+  if (T > 0) plan_splits(shared_layout(B, G).tiles * Hkv, T, sms, num_splits, &sa, &chunk, &ra);
+  if (L > 0) plan_splits(decode_layout(B, G).tiles * Hkv, L, sms, num_splits, &sb, &chunk, &rb);
   *shared_splits_out = sa;
   *suffix_splits_out = sb;
-  *bytes_out = (size_t)B * Hq * (sa + sb) * (Dh + 1) * sizeof(float);
+  *bytes_out = (size_t)B * Hq * (ra + rb) * (Dh + 1) * sizeof(float);
   return CA_OK;
 }
 
@@ -325,8 +333,8 @@ int ca_cascade_decode(int dtype, int B, int Hq, int Hkv, int64_t T, int64_t Lsuf
   cudaError_t e = cudaSuccess;
   if (sa > 0) {  // shared prefix: each K/V tile is applied to up to 64 (request, head) rows
     const Layout L = shared_layout(B, G);
-    int splits = 0, chunk = 0;
-    plan_splits(L.tiles * Hkv, T, sms, num_splits, &splits, &chunk);
+    int splits = 0, chunk = 0, reserve = 0;
+    plan_splits(L.tiles * Hkv, T, sms, num_splits, &splits, &chunk, &reserve);
     PartialParams p = base_params(dtype, B, Hq, Hkv, Dh, q, q_st, suffix_lens, lens_is_int64, lens_stride, scale,
                                   softcap, window);
     set_kv(p, dtype, k_shared, ks_st, v_shared, vs_st, true);
@@ -338,8 +346,8 @@ int ca_cascade_decode(int dtype, int B, int Hq, int Hkv, int64_t T, int64_t Lsuf
   }
   if (sb > 0) {  // per-request suffix (latents + generated tokens)
     const Layout L = decode_layout(B, G);
-    int splits = 0, chunk = 0;
-    plan_splits(L.tiles * Hkv, Lsuf, sms, num_splits, &splits, &chunk);
+    int splits = 0, chunk = 0, reserve = 0;
+    plan_splits(L.tiles * Hkv, Lsuf, sms, num_splits, &splits, &chunk, &reserve);
     PartialParams p = base_params(dtype, B, Hq, Hkv, Dh, q, q_st, suffix_lens, lens_is_int64, lens_stride, scale,
                                   softcap, window);
     set_kv(p, dtype, k_suffix, kx_st, v_suffix, vx_st, false);

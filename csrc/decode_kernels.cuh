@@ -148,7 +148,12 @@ __device__ __forceinline__ void load_tile(T* sK, T* sV, const T* kb, const T* vb
 // Merge state (mo, lo, ao) into (m, l, a).
 __device__ __forceinline__ void merge_state(float& m, float& l, float a[8], float mo, float lo, const float ao[8]) {
   const float mn = fmaxf(m, mo);
-  if (mn == -CUDART_INF_F) return;
+  if (mn == -CUDART_INF_F) {  // no finite score on either side: empty (l = 0, a = 0) or NaN - keep a NaN
+    l += lo;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) a[i] += ao[i];
+    return;
+  }
   const float x = __expf(m - mn), y = __expf(mo - mn);
   l = l * x + lo * y;
 #pragma unroll
@@ -233,10 +238,17 @@ __global__ void __launch_bounds__(256) partial_kernel(const PartialParams p) {
         const int j = jb + slot, n = ts + j;
         float kf[8], vf[8], s[kRowsPerWarp] = {};
         load8_aligned(sK(buf) + j * D + part * 8, kf);
+        load8_aligned(sV(buf) + j * D + part * 8, vf);
+        // reference.finite_keys: a key with a non-finite k or v element scores NaN for every row
+        // that sees it (x * 0 is 0 for finite x, NaN for +-Inf / NaN; the shuffle sum below
+        // spreads it over the key's lanes), so o and lse turn NaN, never +-inf or a finite +-softcap.
+        float bad = 0.f;
+#pragma unroll
+        for (int i = 0; i < 8; ++i) bad += kf[i] * 0.f + vf[i] * 0.f;
 #pragma unroll
         for (int r = 0; r < kRowsPerWarp; ++r) {
           if (r < nr) {
-            float d = 0.f;
+            float d = bad;
 #pragma unroll
             for (int i = 0; i < 8; ++i) d = fmaf(q[r][i], kf[i], d);
             s[r] = d;
@@ -248,7 +260,6 @@ __global__ void __launch_bounds__(256) partial_kernel(const PartialParams p) {
           for (int r = 0; r < kRowsPerWarp; ++r)
             if (r < nr) s[r] += __shfl_xor_sync(0xffffffffu, s[r], off);
         }
-        load8_aligned(sV(buf) + j * D + part * 8, vf);
 #pragma unroll
         for (int r = 0; r < kRowsPerWarp; ++r) {
           if (r < nr && n < hi && n < seg[r] && n >= first[r]) {
@@ -387,7 +398,12 @@ __global__ void merge_kernel(int64_t N, int D, const T* oa, int64_t oar, int64_t
     const float xa = a == -CUDART_INF_F ? 0.f : wa * x, yb = b == -CUDART_INF_F ? 0.f : wb * y;
     o[row * orow + d * od] = from_f<T>((xa + yb) * inv);
   }
-  if (lane == 0) lse[row * lr] = total != 0.f ? ms + __logf(total) : -CUDART_INF_F;
+  if (lane == 0) {
+    float l = total != 0.f ? ms + __logf(total) : -CUDART_INF_F;
+    // reference.merge_states: logaddexp(+inf, x) = +inf (o is NaN); a NaN lse stays NaN
+    if (mx == CUDART_INF_F) l = (a != a || b != b) ? CUDART_NAN_F : CUDART_INF_F;
+    lse[row * lr] = l;
+  }
 }
 
 }  // namespace cacheaug

@@ -62,13 +62,14 @@ def row_tile(r_start, r_stop, PL, b, N, NS, S, GROUP: tl.constexpr, BLOCK_M: tl.
 
 @triton.jit
 def program_row_tile(PL, NS, N, S, HKV, GROUP: tl.constexpr, BLOCK_M: tl.constexpr):
-    """This program's packed row tile (grid: row tiles x B*Hkv): (b, kvh, h, row_ok, n, blk, i, p).
+    """This program's packed row tile (grid: B*Hkv x row tiles): (b, kvh, h, row_ok, n, blk, i, p).
 
     h [BLOCK_M] is each row's query head; the rest as in ``row_tile``.
     """
     # Heaviest tiles (latest blocks, longest prefixes when p_k ascends) start first.
-    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
-    pid_bh = tl.program_id(1).to(tl.int64)
+    # B*Hkv on grid axis 0 (up to 2^31 - 1 programs; axes 1 and 2 stop at 65535)
+    pid_m = tl.num_programs(1) - 1 - tl.program_id(1)
+    pid_bh = tl.program_id(0).to(tl.int64)
     b = pid_bh // HKV
     kvh = pid_bh % HKV
     row_ok, n, g, blk, i, p = row_tile(pid_m * BLOCK_M, NS * GROUP, PL, b, N, NS, S, GROUP, BLOCK_M)
@@ -181,10 +182,10 @@ def launch(kernel, tuned, name: str, grid_rows: int, grid_bh: int, args: tuple, 
         torch.cuda.set_device(device)
     if cfgs.autotune_enabled():
         tile = "BLOCK_M" if name != "dkdv" else "BLOCK_N"
-        grid = lambda meta: (triton.cdiv(grid_rows, meta[tile]), grid_bh)
+        grid = lambda meta: (grid_bh, triton.cdiv(grid_rows, meta[tile]))  # B*Hkv on axis 0 (no 65535 cap)
         tuned[grid](*args, **scalars, **consts)
         return
     bm, bn, warps, stages = cfgs.fixed_config(name, head_dim, dtype)
     rows_per_prog = bm if name != "dkdv" else bn
-    grid = (triton.cdiv(grid_rows, rows_per_prog), grid_bh)
+    grid = (grid_bh, triton.cdiv(grid_rows, rows_per_prog))
     kernel[grid](*args, **scalars, **consts, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)

@@ -66,6 +66,7 @@ def _partial_kernel(
     slb,
     slh,
     sls,
+    slen,
     B,
     HKV,
     SEG_T,
@@ -100,7 +101,7 @@ def _partial_kernel(
     rb = b0 + rows // G
     hq = hkv * G + rows % G
     row_ok = (rows < BB * G) & (rb < B)
-    lens_b = tl.load(LENS + rb, mask=row_ok, other=0).to(tl.int64)
+    lens_b = tl.load(LENS + rb * slen, mask=row_ok, other=0).to(tl.int64)
     if LENS_IS_SEG:
         seg_len = lens_b
     else:
@@ -262,6 +263,9 @@ def _merge_kernel(
     nonempty = total != 0.0  # NaN lse in -> NaN out (ops.merge_states' contract), never "empty"
     inv = 1.0 / tl.where(nonempty, total, 1.0)
     lse = tl.where(nonempty, mx_safe + tl.log(tl.where(nonempty, total, 1.0)), float("-inf"))
+    # reference.merge_states: logaddexp(+inf, x) = +inf (o is NaN: w = exp(inf - inf)); NaN stays NaN
+    lse = tl.where((la == float("inf")) | (lb == float("inf")),
+                   tl.where((la != la) | (lb != lb), float("nan"), float("inf")), lse)
     tl.store(L + r, lse, mask=rmask)
     wa = wa * inv
     wb = wb * inv
@@ -380,6 +384,7 @@ def _launch_partial(
         *v.stride()[-3:],
         *po.stride(),  # [B, Hq, splits, Dh]
         *pl.stride(),  # [B, Hq, splits]
+        lens.stride(0),
         b,
         hkv,
         seg_t,

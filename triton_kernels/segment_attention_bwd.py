@@ -47,10 +47,10 @@ from .common import (
 @triton.jit
 def _delta_kernel(O, DO, DLSE, DELTA, sob, soh, son, sod, sdb, sdh, sdn, sdd, slb, slh, sln,
                   HQ, NS, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr):
-    pid_bh = tl.program_id(1).to(tl.int64)
+    pid_bh = tl.program_id(0).to(tl.int64)  # B*Hq on axis 0 (axis 1 stops at 65535)
     b = pid_bh // HQ
     h = pid_bh % HQ
-    n = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    n = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     n_ok = n < NS
     offs_d = tl.arange(0, BLOCK_D)
     mask = n_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
@@ -155,8 +155,8 @@ def _dkdv_kernel(
     DOT_F32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    pid_n = tl.num_programs(0) - 1 - tl.program_id(0)
-    pid_bh = tl.program_id(1).to(tl.int64)
+    pid_n = tl.num_programs(1) - 1 - tl.program_id(1)
+    pid_bh = tl.program_id(0).to(tl.int64)  # B*Hkv on axis 0 (axis 1 stops at 65535)
     b = pid_bh // HKV
     kvh = pid_bh % HKV
     m_first = pid_n * BLOCK_N
@@ -246,7 +246,7 @@ def backward(do: Tensor, dlse: Tensor, q: Tensor, k: Tensor, v: Tensor, k_prefix
     delta = torch.empty((b, hq, ns), device=q.device, dtype=torch.float32)
     bd = cfgs.block_d(dh)
     rows = 16 if cfgs.interpreting() else max(16, min(128, 8192 // bd))
-    _delta_kernel[(triton.cdiv(ns, rows), b * hq)](
+    _delta_kernel[(b * hq, triton.cdiv(ns, rows))](
         o, do, dlse, delta, *o.stride(), *do.stride(), *dlse.stride(), hq, ns,
         HEAD_DIM=dh, BLOCK_D=bd, BLOCK=rows,
     )

@@ -10,7 +10,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from decode_cases import merge_states_case, run_cascade, run_decode
+from decode_cases import (
+    CUDA_CASCADE_CASES,
+    CUDA_CASCADE_OPTIONS,
+    CUDA_DECODE_CASES,
+    CUDA_DECODE_OPTIONS,
+    merge_states_case,
+    run_cascade,
+    run_decode,
+)
 
 from cacheaug_engine import ops
 
@@ -21,27 +29,13 @@ pytestmark = [
 DEVICE = "cuda"
 
 
-
-DECODE_CASES = [
-    # b, hq, hkv, tmax, dh, lens
-    (3, 4, 4, 37, 64, [37, 1, 0]),  # MHA, full / length 1 / empty
-    (2, 32, 8, 3001, 128, [3001, 1299]),  # Llama-3 heads (GQA 4), many splits
-    (2, 8, 1, 45, 256, [45, 17]),  # GQA 8, Dh 256
-    (1, 2, 1, 1, 64, [1]),  # a single key
-    (3, 16, 1, 77, 128, [77, 5, 60]),  # MQA with 16 heads: two row tiles per request
-    (64, 32, 8, 130, 128, [130] * 32 + list(range(1, 33))),  # big batch: one split, no reduction
-]
-
-
-@pytest.mark.parametrize("case", DECODE_CASES)
+@pytest.mark.parametrize("case", CUDA_DECODE_CASES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_decode_matches_reference(case, dtype):
     run_decode("cuda", DEVICE, *case, dtype=dtype)
 
 
-@pytest.mark.parametrize(
-    "opts", [dict(softcap=5.0), dict(window=9), dict(window=1), dict(scale=0.3, softcap=20.0, window=400)]
-)
+@pytest.mark.parametrize("opts", CUDA_DECODE_OPTIONS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_decode_options(opts, dtype):
     run_decode("cuda", DEVICE, 3, 8, 2, 1067, 128, [1067, 2, 500], dtype, **opts)
@@ -57,25 +51,13 @@ def test_decode_long_cache_one_request():
     run_decode("cuda", DEVICE, 1, 32, 8, 32768, 128, [32768], torch.bfloat16)
 
 
-CASCADE_CASES = [
-    # b, hq, hkv, t, length, dh, suffix_lens
-    (3, 4, 4, 40, 6, 64, [6, 0, 1]),  # empty and length-1 suffixes
-    (5, 8, 2, 333, 9, 128, [9, 3, 0, 8, 1]),  # GQA 4
-    (2, 8, 1, 17, 3, 256, [2, 3]),  # GQA 8, Dh 256
-    (2, 4, 2, 0, 4, 64, [4, 1]),  # no shared prefix
-    (2, 4, 2, 21, 0, 64, [0, 0]),  # no suffix at all
-    (32, 32, 8, 2049, 70, 128, [i * 2 for i in range(32)]),  # 128 rows per KV head: two row tiles
-    (3, 8, 2, 5, 3, 128, [3, 2, 1]),  # 12 rows: the 2x2 warp layout
-]
-
-
-@pytest.mark.parametrize("case", CASCADE_CASES)
+@pytest.mark.parametrize("case", CUDA_CASCADE_CASES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_cascade_matches_reference(case, dtype):
     run_cascade("cuda", DEVICE, *case, dtype=dtype)
 
 
-@pytest.mark.parametrize("opts", [dict(softcap=7.0), dict(window=5), dict(window=300, softcap=3.0)])
+@pytest.mark.parametrize("opts", CUDA_CASCADE_OPTIONS)
 def test_cascade_options(opts):
     run_cascade("cuda", DEVICE, 9, 8, 2, 1040, 7, 128, [7, 0, 3, 1, 2, 4, 5, 6, 7], torch.bfloat16, **opts)
 

@@ -132,3 +132,38 @@ def test_num_splits_heuristic():
     assert num_splits(8, 131072, 132) == 33  # few programs, long cache: fill ~2 waves
     assert num_splits(512, 131072, 132) == 1  # enough programs already
     assert num_splits(1, 10**7, 132) == 64  # capped
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64], ids=str)
+def test_lens_read_through_their_stride(dtype):
+    """A strided lens view (every other entry) gives the right lengths (issue 21: the kernel read
+    lens[b] at b, ignoring the stride, in decode and cascade alike)."""
+    torch.manual_seed(5)
+    q, k, v = torch.randn(2, 4, 64), torch.randn(2, 2, 40, 64), torch.randn(2, 2, 40, 64)
+    lens = torch.tensor([40, 3, 17, 5], dtype=dtype)[::2]  # [40, 17]
+    assert lens.stride(0) == 2
+    out, lse = ops.decode_attention(*(x.to(DEVICE) for x in (q, k, v, lens)), return_lse=True, backend="triton")
+    ref_out, ref_lse = reference.decode_attention(q, k, v, lens, return_lse=True)
+    torch.testing.assert_close(out.cpu(), ref_out, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(lse.cpu(), ref_lse, atol=2e-5, rtol=1e-4)
+    ks, vs = torch.randn(2, 9, 64), torch.randn(2, 9, 64)
+    sl = torch.tensor([1, 0, 40, 0], dtype=dtype)[::2]  # [1, 40]
+    out, lse = ops.cascade_decode(*(x.to(DEVICE) for x in (q, ks, vs, k, v, sl)), return_lse=True,
+                                  backend="triton")
+    ref_out, ref_lse = reference.cascade_decode(q, ks, vs, k, v, sl, return_lse=True)
+    torch.testing.assert_close(out.cpu(), ref_out, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(lse.cpu(), ref_lse, atol=2e-5, rtol=1e-4)
+
+
+def test_merge_states_plus_inf_lse():
+    """reference.merge_states: an lse of +inf gives lse +inf and o NaN (it gave lse NaN)."""
+    torch.manual_seed(1)
+    o_a, o_b = torch.randn(6, 64), torch.randn(6, 64)
+    inf, nan = float("inf"), float("nan")
+    lse_a = torch.tensor([inf, inf, inf, 0.5, nan, -inf])
+    lse_b = torch.tensor([1.0, -inf, inf, inf, inf, inf])
+    o, lse = ops.merge_states(*(x.to(DEVICE) for x in (o_a, lse_a, o_b, lse_b)), backend="triton")
+    ref_o, ref_l = reference.merge_states(o_a, lse_a, o_b, lse_b)
+    lse, o = lse.cpu(), o.cpu()
+    assert torch.equal(torch.isnan(lse), torch.isnan(ref_l)) and torch.equal(lse == inf, ref_l == inf), (lse, ref_l)
+    assert torch.equal(torch.isnan(o), torch.isnan(ref_o))

@@ -22,7 +22,19 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from poison_cases import assert_same, poison_value, put, segment_visibility, split_keys, taint  # noqa: E402
+from poison_cases import (  # noqa: E402
+    CASCADE_GRID,
+    CUDA_DH,
+    DECODE_GRID,
+    assert_same,
+    check_cascade,
+    check_decode,
+    poison_value,
+    put,
+    segment_visibility,
+    split_keys,
+    taint,
+)
 
 from cacheaug_engine import ops
 from cacheaug_engine.ops import reference  # noqa: E402
@@ -220,91 +232,22 @@ def test_visible_poison_is_not_hidden(backend):
 
 # ----------------------------------------------------------------------------- decode and cascade
 
-DB, DHQ, DHKV, TMAX, DDH = 3, 4, 2, 24, 16
-DLENS = [24, 7, 0]
-
-
-def _decode_inputs(device, dtype=torch.float32):
-    g = torch.Generator().manual_seed(5)
-    rnd = lambda *shape: torch.randn(*shape, generator=g).to(device=device, dtype=dtype)  # noqa: E731
-    return rnd(DB, DHQ, DDH), rnd(DB, DHKV, TMAX, DDH), rnd(DB, DHKV, TMAX, DDH)
-
-
-def _decode_visibility(lens, length, window, offset=0):
-    """[B, 1, offset + length]: request b sees keys [0, offset + lens[b]) within its window."""
-    pos = torch.arange(offset + length)
-    n = torch.tensor(lens)[:, None] + offset
-    vis = pos[None] < n
-    if window is not None:
-        vis &= pos[None] > n - 1 - window
-    return vis[:, None, :]
-
-
-def _run_decode(backend, q, k, v, lens, window):
-    if backend == "reference":
-        return reference.decode_attention(q, k, v, lens, window=window, return_lse=True)
-    return ops.decode_attention(q, k, v, lens, window=window, return_lse=True, backend=backend)
-
-
-def _check_decode(backend, device, klass, value, which):
-    window = 5 if klass == "beyond_window" else None
-    q, k, v = _decode_inputs(device)
-    lens = torch.tensor(DLENS, dtype=torch.int32, device=device)
-    vis = _decode_visibility(DLENS, TMAX, window)
-    poison = ~vis[:, 0]
-    if klass == "beyond_window":
-        poison &= torch.arange(TMAX)[None] < torch.tensor(DLENS)[:, None]  # only the window's own class
-    val = poison_value(value, q.dtype)
-    pk = put(k, poison.to(device), val) if "k" in which else k
-    pv = put(v, poison.to(device), val) if "v" in which else v
-    clean = _run_decode(backend, q, k, v, lens, window)
-    dirty = _run_decode(backend, q, pk, pv, lens, window)
-    rows, _ = taint(vis, poison)
-    assert not rows.any()
-    for got, want, what in zip(dirty, clean, ("o", "lse"), strict=True):
-        got, want = (x[:, :, None] if x.dim() == 3 else x[:, :, None, None] for x in (got, want))
-        assert_same(got, want, ~rows, f"{backend} decode {klass} {which}={value} {what}", True)
-
-
-def _check_cascade(backend, device, klass, value, which):
-    hkv, t, length, suffix_lens = DHKV, 10, 6, [6, 2, 0]
-    window = 4 if klass == "beyond_window" else None
-    g = torch.Generator().manual_seed(6)
-    rnd = lambda *shape: torch.randn(*shape, generator=g).to(device)  # noqa: E731
-    q, ks, vs, kx, vx = rnd(DB, DHQ, DDH), rnd(hkv, t, DDH), rnd(hkv, t, DDH), rnd(DB, hkv, length, DDH), rnd(
-        DB, hkv, length, DDH)
-    sl = torch.tensor(suffix_lens, device=device)
-    vis = _decode_visibility(suffix_lens, length, window, offset=t)
-    if klass == "past_suffix_lens":
-        poison = ~vis[:, 0] & (torch.arange(t + length) >= t)[None]
-    else:  # shared keys request 0 cannot see (visible to the others: they are tainted) + its own suffix
-        poison = (~vis[0, 0])[None].expand(DB, -1).clone()
-        poison[:, t:] = ~vis[:, 0, t:] & poison[:, t:]
-    val = poison_value(value, q.dtype)
-    shared = poison[0, :t].to(device)[None]
-    suffix = poison[:, t:].to(device)
-    pks, pvs, pkx, pvx = ks, vs, kx, vx
-    if "k" in which:
-        pks, pkx = put(ks[None], shared, val)[0], put(kx, suffix, val)
-    if "v" in which:
-        pvs, pvx = put(vs[None], shared, val)[0], put(vx, suffix, val)
-
-    def run(*a):
+def _run_decode(backend):
+    def run(q, k, v, lens, window):
         if backend == "reference":
-            return reference.cascade_decode(*a, sl, window=window, return_lse=True)
-        return ops.cascade_decode(*a, sl, window=window, return_lse=True, backend=backend)
+            return reference.decode_attention(q, k, v, lens, window=window, return_lse=True)
+        return ops.decode_attention(q, k, v, lens, window=window, return_lse=True, backend=backend)
 
-    clean, dirty = run(q, ks, vs, kx, vx), run(q, pks, pvs, pkx, pvx)
-    rows, _ = taint(vis, poison)
-    for got, want, what in zip(dirty, clean, ("o", "lse"), strict=True):
-        got, want = (x[:, :, None] if x.dim() == 3 else x[:, :, None, None] for x in (got, want))
-        assert_same(got, want, ~rows, f"{backend} cascade {klass} {which}={value} {what}", True)
+    return run
 
 
-DECODE_GRID = [(klass, value, which) for klass in ("past_lens", "beyond_window") for value in VALUES
-               for which in ("k", "v")]
-CASCADE_GRID = [(klass, value, which) for klass in ("past_suffix_lens", "beyond_window") for value in VALUES
-                for which in ("k", "v")]
+def _run_cascade(backend):
+    def run(q, ks, vs, kx, vx, sl, window):
+        if backend == "reference":
+            return reference.cascade_decode(q, ks, vs, kx, vx, sl, window=window, return_lse=True)
+        return ops.cascade_decode(q, ks, vs, kx, vx, sl, window=window, return_lse=True, backend=backend)
+
+    return run
 
 
 @pytest.mark.parametrize("klass, value, which", DECODE_GRID)
@@ -312,7 +255,8 @@ CASCADE_GRID = [(klass, value, which) for klass in ("past_suffix_lens", "beyond_
 def test_decode(backend, klass, value, which):
     if backend == "triton":
         pytest.importorskip("triton")
-    _check_decode(backend, DEVICE if backend == "triton" else "cpu", klass, value, which)
+    check_decode(_run_decode(backend), DEVICE if backend == "triton" else "cpu", klass, value, which,
+                 f"{backend} decode")
 
 
 @pytest.mark.parametrize("klass, value, which", CASCADE_GRID)
@@ -320,19 +264,20 @@ def test_decode(backend, klass, value, which):
 def test_cascade(backend, klass, value, which):
     if backend == "triton":
         pytest.importorskip("triton")
-    _check_cascade(backend, DEVICE if backend == "triton" else "cpu", klass, value, which)
+    check_cascade(_run_cascade(backend), DEVICE if backend == "triton" else "cpu", klass, value, which,
+                  f"{backend} cascade")
 
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("klass, value, which", DECODE_GRID)
 def test_decode_cuda(klass, value, which):
-    _check_decode("cuda", "cuda", klass, value, which)
+    check_decode(_run_decode("cuda"), "cuda", klass, value, which, "cuda decode", dh=CUDA_DH)
 
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("klass, value, which", CASCADE_GRID)
 def test_cascade_cuda(klass, value, which):
-    _check_cascade("cuda", "cuda", klass, value, which)
+    check_cascade(_run_cascade("cuda"), "cuda", klass, value, which, "cuda cascade", dh=CUDA_DH)
 
 
 @pytest.mark.cuda

@@ -61,3 +61,86 @@ def assert_same(got: torch.Tensor, want: torch.Tensor, sel: torch.Tensor, what: 
         assert torch.equal(g, w), f"{what}: differs from the clean run (max {err:.3g})"
     else:
         torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-4, msg=lambda m: f"{what}: {m}")
+
+
+VALUES = ["nan", "inf", "-inf", "huge"]
+
+# Decode / cascade poison cases: B=3, Hq=4, Hkv=2, Tmax=24 and head dim DDH (16: the interpreter's
+# and torch's cases); the cuda backend takes head dims 64, 128 and 256 only, so its cases use CUDA_DH.
+DB, DHQ, DHKV, TMAX, DDH = 3, 4, 2, 24, 16
+CUDA_DH = 64
+DLENS = [24, 7, 0]
+
+
+def _decode_inputs(device, dtype=torch.float32, dh=DDH):
+    g = torch.Generator().manual_seed(5)
+    rnd = lambda *shape: torch.randn(*shape, generator=g).to(device=device, dtype=dtype)  # noqa: E731
+    return rnd(DB, DHQ, dh), rnd(DB, DHKV, TMAX, dh), rnd(DB, DHKV, TMAX, dh)
+
+
+def _decode_visibility(lens, length, window, offset=0):
+    """[B, 1, offset + length]: request b sees keys [0, offset + lens[b]) within its window."""
+    pos = torch.arange(offset + length)
+    n = torch.tensor(lens)[:, None] + offset
+    vis = pos[None] < n
+    if window is not None:
+        vis &= pos[None] > n - 1 - window
+    return vis[:, None, :]
+
+
+def check_decode(run, device, klass, value, which, what, dh=DDH):
+    """run(q, k, v, lens, window) -> (o, lse): rows that see no poisoned key match the clean run."""
+    window = 5 if klass == "beyond_window" else None
+    q, k, v = _decode_inputs(device, dh=dh)
+    lens = torch.tensor(DLENS, dtype=torch.int32, device=device)
+    vis = _decode_visibility(DLENS, TMAX, window)
+    poison = ~vis[:, 0]
+    if klass == "beyond_window":
+        poison &= torch.arange(TMAX)[None] < torch.tensor(DLENS)[:, None]  # only the window's own class
+    val = poison_value(value, q.dtype)
+    pk = put(k, poison.to(device), val) if "k" in which else k
+    pv = put(v, poison.to(device), val) if "v" in which else v
+    clean = run(q, k, v, lens, window)
+    dirty = run(q, pk, pv, lens, window)
+    rows, _ = taint(vis, poison)
+    assert not rows.any()
+    for got, want, name in zip(dirty, clean, ("o", "lse"), strict=True):
+        got, want = (x[:, :, None] if x.dim() == 3 else x[:, :, None, None] for x in (got, want))
+        assert_same(got, want, ~rows, f"{what} {klass} {which}={value} {name}", True)
+
+
+def check_cascade(run, device, klass, value, which, what, dh=DDH):
+    """run(q, ks, vs, kx, vx, suffix_lens, window) -> (o, lse): as check_decode."""
+    hkv, t, length, suffix_lens = DHKV, 10, 6, [6, 2, 0]
+    window = 4 if klass == "beyond_window" else None
+    g = torch.Generator().manual_seed(6)
+    rnd = lambda *shape: torch.randn(*shape, generator=g).to(device)  # noqa: E731
+    q, ks, vs, kx, vx = rnd(DB, DHQ, dh), rnd(hkv, t, dh), rnd(hkv, t, dh), rnd(DB, hkv, length, dh), rnd(
+        DB, hkv, length, dh)
+    sl = torch.tensor(suffix_lens, device=device)
+    vis = _decode_visibility(suffix_lens, length, window, offset=t)
+    if klass == "past_suffix_lens":
+        poison = ~vis[:, 0] & (torch.arange(t + length) >= t)[None]
+    else:  # shared keys request 0 cannot see (visible to the others: they are tainted) + its own suffix
+        poison = (~vis[0, 0])[None].expand(DB, -1).clone()
+        poison[:, t:] = ~vis[:, 0, t:] & poison[:, t:]
+    val = poison_value(value, q.dtype)
+    shared = poison[0, :t].to(device)[None]
+    suffix = poison[:, t:].to(device)
+    pks, pvs, pkx, pvx = ks, vs, kx, vx
+    if "k" in which:
+        pks, pkx = put(ks[None], shared, val)[0], put(kx, suffix, val)
+    if "v" in which:
+        pvs, pvx = put(vs[None], shared, val)[0], put(vx, suffix, val)
+
+    clean, dirty = run(q, ks, vs, kx, vx, sl, window), run(q, pks, pvs, pkx, pvx, sl, window)
+    rows, _ = taint(vis, poison)
+    for got, want, name in zip(dirty, clean, ("o", "lse"), strict=True):
+        got, want = (x[:, :, None] if x.dim() == 3 else x[:, :, None, None] for x in (got, want))
+        assert_same(got, want, ~rows, f"{what} {klass} {which}={value} {name}", True)
+
+
+DECODE_GRID = [(klass, value, which) for klass in ("past_lens", "beyond_window") for value in VALUES
+               for which in ("k", "v")]
+CASCADE_GRID = [(klass, value, which) for klass in ("past_suffix_lens", "beyond_window") for value in VALUES
+                for which in ("k", "v")]
