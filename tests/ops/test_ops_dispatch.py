@@ -278,9 +278,23 @@ def test_cacheaug_backend_env_is_checked(value, pattern, monkeypatch, no_kernel)
 
 
 def test_cacheaug_backend_env_valid_entries_still_work(monkeypatch):
-    monkeypatch.setenv("CACHEAUG_BACKEND", " segment_attention = torch , decode_attention=torch ,")
+    """Entries with spaces and a trailing comma select their backends: segment_attention runs on flex,
+    not on the CPU's default torch (so a variable ignored on the CPU shows), with torch's numbers."""
+    reached = []
+    real = plan_mod.impl
+
+    def spy(op, backend):
+        reached.append((op, backend))
+        return real(op, backend)
+
+    monkeypatch.setattr(plan_mod, "impl", spy)
+    monkeypatch.setenv("CACHEAUG_BACKEND", " segment_attention = flex , decode_attention=torch ,")
     args = _seg_args()
-    torch.testing.assert_close(_call_segment(args), _call_segment(dict(args, backend="torch")))
+    got = _call_segment(args)
+    assert reached == [("segment_attention", "flex")]
+    want = _call_segment(dict(args, backend="torch"))  # the argument wins over the variable
+    assert reached[1:] == [("segment_attention", "torch")]
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------- decode, cascade, merge
