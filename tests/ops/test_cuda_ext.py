@@ -99,7 +99,7 @@ def test_backend_reports_why_cuda_is_unavailable():
     assert info["available"] is False and "no CUDA device" in info["reason"]
     q = torch.randn(1, 4, 64)
     k = torch.randn(1, 2, 8, 64)
-    with pytest.raises(cacheaug_engine.BackendUnavailableError, match="cuda"):
+    with pytest.raises(cacheaug_engine.BackendUnavailableError, match="cuda backend runs on CUDA tensors, got cpu"):
         ops.decode_attention(q, k, k, torch.tensor([8]), backend="cuda")
 
 

@@ -76,7 +76,8 @@ def test_named_backend_that_cannot_run_raises_with_reason(monkeypatch):
     q, k, v, kp, vp, lens = _seg()
     with pytest.raises(BackendUnavailableError, match="segment_attention has no cuda backend"):
         ops.segment_attention(q, k, v, kp, vp, lens, block_len=5, backend="cuda")
-    with pytest.raises(BackendUnavailableError, match="cuda"):
+    with pytest.raises(BackendUnavailableError, match=r"^backend='cuda' for decode_attention is unavailable: the cuda "
+                       r"backend runs on CUDA tensors, got cpu tensors"):  # fmt: skip
         ops.decode_attention(q[:, :, 0], kp, vp, lens[:, 0], backend="cuda")
     with pytest.raises(ValueError, match="expected one of torch, flex, triton, cuda"):
         ops.segment_attention(q, k, v, kp, vp, lens, block_len=5, backend="cudnn")
