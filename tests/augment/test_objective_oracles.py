@@ -125,7 +125,9 @@ def test_contrast_loss_matches_its_formula(dec):
     torch.testing.assert_close(out.loss.detach().double(), want.detach(), **TOL)
     _grad_close(cop.log_scale.grad, log_scale.grad)
     _grad_close(cop.soft_tokens.grad, soft.grad)
-    obj.eval()
-    with torch.no_grad():
+    with torch.no_grad():  # training mode without grad (e.g. a held-out eval inside training): off
         plain = obj(ids, POS)
     torch.testing.assert_close(plain.loss.double(), own.mean().detach(), **TOL)
+    obj.eval()  # eval mode with grad enabled: off too (the term is training-only)
+    plain = obj(ids, POS)
+    torch.testing.assert_close(plain.loss.detach().double(), own.mean().detach(), **TOL)
