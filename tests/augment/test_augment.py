@@ -194,6 +194,11 @@ def test_positions_and_layout():
         check_positions(torch.tensor([[0, 3]]), 32, 4)
     with pytest.raises(ValueError):
         check_positions(torch.tensor([[5, 3]]), 32, 4)
+    with pytest.raises(ValueError, match="strictly increasing"):  # a repeated point would be scored twice
+        check_positions(torch.tensor([[3, 7], [5, 5]]), 32, 4)
+    assert check_positions(torch.tensor([[1, 28]], dtype=torch.int32), 32, 4).dtype == torch.long  # both ends valid
+    with pytest.raises(ValueError, match=r"positions must lie in \[1, 28\]"):
+        check_positions(torch.tensor([[1, 29]]), 32, 4)
     with pytest.raises(ValueError):
         sample_positions(1, 8, 10, 4)
     lay = block_layout(torch.tensor([[4, 10]]), 2, 3, "paper")

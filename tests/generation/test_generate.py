@@ -8,6 +8,7 @@ from model_fixtures import tiny_decoder
 
 from cacheaug_engine.augment.coprocessor import Coprocessor
 from cacheaug_engine.generation import augment, generate, load_latents, save_latents
+from cacheaug_engine.models.cache import KVCache
 
 
 def _cop(dec, placement="paper"):
@@ -79,8 +80,16 @@ def test_saved_latents_reuse(tmp_path):
 def test_one_token_prompt_early_placement():
     dec = tiny_decoder("qwen2")
     cop = _cop(dec, "early")
-    g = generate(dec, torch.tensor([[5]]), coprocessor=cop, max_new_tokens=3)
-    assert len(g.tokens[0]) == 3
+    prompt = torch.tensor([[5]])
+    g = generate(dec, prompt, coprocessor=cop, max_new_tokens=3)
+    # "early" with one token: the latents see an empty cache and go in before the prompt's only token
+    c = dec.cfg
+    empty = KVCache.empty(c.num_layers, 1, c.num_kv_heads, c.head_dim, 0, dtype=dec.dtype)
+    with torch.no_grad():
+        z = cop.latents_at(empty, torch.tensor([[1]]))[:, 0]
+        want = _greedy_reference(dec, torch.cat([z, dec.embed(prompt)], 1), 3)
+    assert g.tokens[0] == want and g.augmented
+    assert want != generate(dec, prompt, max_new_tokens=3).tokens[0]  # the latents change the tokens here
 
 
 def test_handle_reused_twice_gives_same_output():

@@ -65,6 +65,24 @@ def test_forward_matches_transformers(saved) -> None:
     assert err <= TOL
 
 
+def test_bf16_error_within_twice_transformers(saved) -> None:
+    """bf16 weights and activations: our logits' error against transformers in float64 is at most twice
+    transformers' own bf16 error on the same weights (+1e-3 for the rounding of tiny errors)."""
+    import copy
+
+    arch, hf, path = saved
+    ids = _ids(2, SEQ)
+    with torch.no_grad():
+        ref = copy.deepcopy(hf).double()(ids).logits
+        torch_err = (copy.deepcopy(hf).to(torch.bfloat16)(ids).logits.double() - ref).abs().max().item()
+    m = load_decoder(path, dtype=torch.bfloat16)
+    out = m(ids)
+    assert out.dtype == torch.float32 and m.dtype == torch.bfloat16
+    err = (out.double() - ref).abs().max().item()
+    print(f"{arch}: bf16 max|diff| vs fp64 = {err:.2e} (transformers bf16: {torch_err:.2e})")
+    assert 0 < torch_err and err <= 2 * torch_err + 1e-3
+
+
 def test_prefill_then_decode_matches_transformers(saved) -> None:
     arch, hf, path = saved
     m = load_decoder(path)

@@ -76,7 +76,8 @@ def test_named_backend_that_cannot_run_raises_with_reason(monkeypatch):
     q, k, v, kp, vp, lens = _seg()
     with pytest.raises(BackendUnavailableError, match="segment_attention has no cuda backend"):
         ops.segment_attention(q, k, v, kp, vp, lens, block_len=5, backend="cuda")
-    with pytest.raises(BackendUnavailableError, match="cuda"):
+    with pytest.raises(BackendUnavailableError, match=r"^backend='cuda' for decode_attention is unavailable: the cuda "
+                       r"backend runs on CUDA tensors, got cpu tensors"):  # fmt: skip
         ops.decode_attention(q[:, :, 0], kp, vp, lens[:, 0], backend="cuda")
     with pytest.raises(ValueError, match="expected one of torch, flex, triton, cuda"):
         ops.segment_attention(q, k, v, kp, vp, lens, block_len=5, backend="cudnn")
@@ -278,9 +279,23 @@ def test_cacheaug_backend_env_is_checked(value, pattern, monkeypatch, no_kernel)
 
 
 def test_cacheaug_backend_env_valid_entries_still_work(monkeypatch):
-    monkeypatch.setenv("CACHEAUG_BACKEND", " segment_attention = torch , decode_attention=torch ,")
+    """Entries with spaces and a trailing comma select their backends: segment_attention runs on flex,
+    not on the CPU's default torch (so a variable ignored on the CPU shows), with torch's numbers."""
+    reached = []
+    real = plan_mod.impl
+
+    def spy(op, backend):
+        reached.append((op, backend))
+        return real(op, backend)
+
+    monkeypatch.setattr(plan_mod, "impl", spy)
+    monkeypatch.setenv("CACHEAUG_BACKEND", " segment_attention = flex , decode_attention=torch ,")
     args = _seg_args()
-    torch.testing.assert_close(_call_segment(args), _call_segment(dict(args, backend="torch")))
+    got = _call_segment(args)
+    assert reached == [("segment_attention", "flex")]
+    want = _call_segment(dict(args, backend="torch"))  # the argument wins over the variable
+    assert reached[1:] == [("segment_attention", "torch")]
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------- decode, cascade, merge

@@ -125,6 +125,25 @@ def test_plan_checks_values_once_with_the_op_messages():
         ops.plan_segment_attention(torch.zeros(1, 1), block_len=1, prefix_len=0, head_dim=8, dtype=torch.float32)
 
 
+def test_bounds_a_plan_relies_on_are_checked():
+    """What a plan trusts later is checked when it is made or run: a caller's max_len must fit the cache,
+    a run must pass every prefix key the plan's prefix_lens reach, another window is re-checked."""
+    with pytest.raises(ValueError, match=r"max_len: expected an int in \[0, 6\], got 7"):
+        ops.plan_decode(torch.tensor([1]), kv_capacity=6, num_q_heads=2, num_kv_heads=1, head_dim=8,
+                        dtype=torch.float32, max_len=7)  # fmt: skip
+    g = torch.Generator().manual_seed(2)
+    plan = ops.plan_segment_attention(torch.tensor([[0, 5]]), block_len=2, prefix_len=9, head_dim=8,
+                                      dtype=torch.float32)  # fmt: skip
+    q, k, v = torch.randn(3, 1, 2, 4, 8, generator=g)
+    kp, vp = torch.randn(2, 1, 2, 9, 8, generator=g)
+    with pytest.raises(ValueError, match="k_prefix: 4 keys, but the plan has prefix_lens up to 5"):
+        plan.run(q, k[:, :1], v[:, :1], kp[:, :1, :4], vp[:, :1, :4])
+    torch.testing.assert_close(plan.run(q, k[:, :1], v[:, :1], kp[:, :1, :5], vp[:, :1, :5]),
+                               plan.run(q, k[:, :1], v[:, :1], kp[:, :1], vp[:, :1]))  # fmt: skip
+    with pytest.raises(ValueError, match="window: expected None or an int >= 1, got 0"):
+        plan.with_window(0)
+
+
 def test_decode_plan_matches_op_and_is_reused_across_steps():
     g = torch.Generator().manual_seed(1)
     q = torch.randn(3, 4, 8, generator=g)

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from dist_single import one_rank_group, write_dist_checkpoint
 from model_fixtures import tiny_config
 
 from cacheaug_engine.cli.main import main
@@ -185,14 +186,15 @@ def test_dead_rank_makes_the_other_exit(setup, sig, timeout):
     assert read_coprocessor_tensors(out / "checkpoint-dist")
 
 
-def test_incomplete_checkpoint_never_loads(setup, tmp_path):
+def test_incomplete_checkpoint_never_loads(tmp_path):
     """A save interrupted before COMPLETE: the directory is refused; the .old copy of an
-    interrupted swap is used instead."""
-    d, common, env = setup
-    src = d / "fsdp" / "checkpoint-dist"
-    if not (src / MARKER).exists():
-        pytest.skip("needs the fsdp run's checkpoint")
+    interrupted swap is used instead. The checkpoint is written here by one gloo rank, so the test
+    runs alone too (it used to skip without the fsdp run's checkpoint)."""
     import shutil
+
+    with one_rank_group():
+        src = write_dist_checkpoint(tmp_path / "src" / "checkpoint-dist")
+    assert (src / MARKER).is_file()
 
     broken = tmp_path / "checkpoint-dist"
     shutil.copytree(src, broken)
