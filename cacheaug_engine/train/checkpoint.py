@@ -361,14 +361,21 @@ def export_coprocessor(
     return out
 
 
+# config fields that do not change what a decoder computes (the same model read from a GGUF file
+# and from a HF directory may differ in them)
+IDENTITY_IGNORES = frozenset({"bos_token_id", "eos_token_id", "max_position_embeddings"})
+
+
 def decoder_identity(decoder: Any) -> dict[str, Any]:
     """What identifies a frozen decoder in a checkpoint: ``arch`` and ``config_sha256`` (a hash of its
-    config). A decoder with its own ``identity()`` (e.g. a wrapped transformers model) gives that."""
+    config without IDENTITY_IGNORES). A decoder with its own ``identity()`` (e.g. a wrapped
+    transformers model) gives that."""
     own = getattr(decoder, "identity", None)
     if callable(own):
         return dict(own())
     cfg = decoder.cfg
     body = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(vars(cfg))
+    body = {k: v for k, v in body.items() if k not in IDENTITY_IGNORES}
     text = json.dumps(body, sort_keys=True, default=str)
     arch = getattr(cfg, "arch", type(decoder).__name__)
     return {"arch": arch, "config_sha256": hashlib.sha256(text.encode()).hexdigest()}
