@@ -183,8 +183,9 @@ def check_args(args: argparse.Namespace) -> None:
         check_int(args.repeats, "--repeats", 1)
     if args.warmup is not None:
         check_int(args.warmup, "--warmup", 0)
-    if args.time_budget is not None:
-        check_number(args.time_budget, "--time-budget (seconds)", 0.0, strict=True)
+    for flag_, value in (("--time-budget", args.time_budget), ("--budget-s", getattr(args, "budget_s", None))):
+        if value is not None:
+            check_number(value, f"{flag_} (seconds)", 0.0, strict=True)
     if args.device is not None:
         check_device(args.device, "--device")
         if args.device == "auto":  # check_device's spelling of the default

@@ -107,6 +107,7 @@ BENCH_CASES = [
     (["ops", "--smoke", "--repeats", "0"], ["--repeats: expected an integer >= 1, got 0"]),
     (["ops", "--smoke", "--warmup", "-2"], ["--warmup: expected an integer >= 0, got -2"]),
     (["ops", "--smoke", "--time-budget", "nan"], ["--time-budget", "finite number > 0"]),
+    (["ops", "--smoke", "--budget-s", "-5"], ["--budget-s (seconds): expected a finite number > 0.0, got -5.0"]),
     (["ops", "--device", "foo"], ["--device: expected 'auto', 'cpu' or 'cuda[:N]', got 'foo'"]),
     (["train", "--device", "tpu"], ["--device", "'tpu'"]),
 ]
