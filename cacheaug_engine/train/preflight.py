@@ -134,8 +134,8 @@ def check_resume_step(step: Any, steps: int, source: str | os.PathLike) -> None:
     """A resumed run must not already be past ``--steps`` (it would report steps it never took)."""
     if isinstance(step, int) and not isinstance(step, bool) and step > steps:
         raise ValueError(
-            f"--resume: {source} is at step {step}, past steps (--steps) {steps}; pass --steps >= {step} to "
-            "continue it (or start a new run in another --out)"
+            f"--resume: {source} is at step {step}, past steps (--steps) {steps}; pass --steps > {step} to train "
+            "further (or start a new run in another --out)"
         )
 
 

@@ -76,7 +76,7 @@ def test_eval_seq_len_names_the_valid_setting_with_ahead(env, tmp_path, capsys, 
 @pytest.mark.parametrize(
     "changes,needles",
     [
-        ({"step": 999}, ["--resume:", "is at step 999, past steps (--steps) 5", "pass --steps >= 999"]),
+        ({"step": 999}, ["--resume:", "is at step 999, past steps (--steps) 5", "pass --steps > 999 to train further"]),
         ({"step": "abc"}, ["--resume:", "state.json: step: expected an integer >= 0, got 'abc'"]),
         ({"loader": {"epoch": 0, "index": -5}}, ["--resume:", "loader.index: expected an integer >= 0, got -5"]),
     ],
