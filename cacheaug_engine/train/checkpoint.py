@@ -35,6 +35,7 @@ from torch import Tensor
 from cacheaug_engine.augment.coprocessor import Coprocessor, CoprocessorConfig
 from cacheaug_engine.data.text import tokenizer_fingerprint
 from cacheaug_engine.fileio import fsync_dir, fsync_file, write_text_synced
+from cacheaug_engine.models.weight_checks import count_nonfinite
 from cacheaug_engine.train.config import TrainConfig
 
 COPRO_FILE, OPTIM_FILE, STATE_FILE = "coprocessor.safetensors", "optimizer.safetensors", "state.json"
@@ -251,8 +252,8 @@ def _read_tensors(file: Path, check_finite: bool = True) -> dict[str, Tensor]:
     except Exception as e:  # OSError, or safetensors' own error type for a corrupt/truncated file
         raise CheckpointError(f"{file}: unreadable safetensors file ({type(e).__name__}: {e})") from None
     for name, t in tensors.items() if check_finite else ():
-        if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
-            bad = int((~torch.isfinite(t)).sum())
+        bad = count_nonfinite(t) if t.is_floating_point() else 0
+        if bad:
             raise CheckpointError(
                 f"{file}: tensor {name!r} holds {bad} NaN/Inf value(s) of {t.numel()}; expected finite values "
                 "(a corrupted or diverged checkpoint; load_checkpoint(check_finite=False) skips this check)"
