@@ -174,7 +174,26 @@ def _summary(doc: dict) -> str:
     return f"{len(recs)} records ({parts}) on {doc['device']} in {doc['wall_s']} s -> {doc['_path']}"
 
 
+def check_args(args: argparse.Namespace) -> None:
+    """Every number and the device, checked before anything is built or timed (ValueError naming the flag:
+    the CLI prints one line and exits 2)."""
+    from cacheaug_engine.checks import check_device, check_int, check_number
+
+    if args.repeats is not None:
+        check_int(args.repeats, "--repeats", 1)
+    if args.warmup is not None:
+        check_int(args.warmup, "--warmup", 0)
+    for flag_, value in (("--time-budget", args.time_budget), ("--budget-s", getattr(args, "budget_s", None))):
+        if value is not None:
+            check_number(value, f"{flag_} (seconds)", 0.0, strict=True)
+    if args.device is not None:
+        check_device(args.device, "--device")
+        if args.device == "auto":  # check_device's spelling of the default
+            args.device = None
+
+
 def run(args: argparse.Namespace) -> int:
+    check_args(args)
     if args.what == "plot":
         from .plot import render
 

@@ -90,14 +90,39 @@ def check_device(name: Any, what: str = "device (--device)") -> None:
             raise ValueError(f"{what}: {name!r} requested but only {torch.cuda.device_count()} CUDA device(s) exist")
 
 
+SNIFF_BYTES = 8192
+_TEXT_CONTROLS = {8, 9, 10, 12, 13, 27}  # backspace, tab, newline, form feed, return, escape
+
+
+def binary_reason(path: Path) -> str | None:
+    """Why the file looks binary (a NUL byte, or > 10% control bytes in its first 8 KiB), or None for text."""
+    with open(path, "rb") as f:
+        head = f.read(SNIFF_BYTES)
+    nul = head.find(b"\0")
+    if nul >= 0:
+        return f"a NUL byte at offset {nul}"
+    controls = sum(1 for b in head if b < 32 and b not in _TEXT_CONTROLS)
+    if head and controls > 0.1 * len(head):
+        return f"{controls} control bytes in its first {len(head)}"
+    return None
+
+
 def check_data_files(paths: list[str], what: str = "data (--data)") -> None:
-    """Each path is an existing file (a directory or a missing path is named as such)."""
+    """Each path is an existing file (a directory or a missing path is named as such) holding text:
+    a binary file (NUL or many control bytes in its first 8 KiB) is refused, not trained on as bytes."""
     for p in paths:
         path = Path(p)
         if path.is_dir():
             raise ValueError(f"{what}: {path} is a directory; expected text (.txt) or .jsonl files")
         if not path.is_file():
             raise FileNotFoundError(f"{what}: {path}: no such file (expected a text or .jsonl file)")
+        try:
+            reason = binary_reason(path)
+        except OSError as e:
+            reason = e.strerror or str(e)
+            raise ValueError(f"{what}: {path}: cannot read ({reason}); expected a readable text file") from None
+        if reason:
+            raise ValueError(f"{what}: {path} looks binary ({reason}); expected a UTF-8 text (.txt) or .jsonl file")
 
 
 

@@ -30,6 +30,21 @@ def add_parser(sub: Any) -> None:
 
 
 
+def _check_seq_len(value: Any, ahead: int | None, configs: list[Any]) -> int:
+    """--seq-len must hold a context token and the N_A targets scored after each point: N_A + 1 with the
+    checkpoints' N_A (when --ahead is not given), else 2."""
+    low, why = 2, "one context token and one target"
+    if ahead is None:
+        na = max(c.ahead for c in configs)
+        low, why = na + 1, f"one context token and the N_A = {na} targets the checkpoint scores; --ahead scores fewer"
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(
+            f"--seq-len: expected an integer >= {low} ({why}; trained with --seq-len {configs[0].seq_len}), "
+            f"got {value!r}"
+        )
+    return value
+
+
 def run(args: Any) -> int:
     """``cacheaug eval CKPT ...``: one table per checkpoint on the same held-out sequences."""
     from cacheaug_engine.checks import check_data_files, check_int, probe_writable_dir
@@ -59,7 +74,7 @@ def run(args: Any) -> int:
         coprocessor_config_of(ck)
     first = configs[0]
     model_spec = args.model or first.model
-    seq_len = first.seq_len if args.seq_len is None else check_int(args.seq_len, "--seq-len", 2)
+    seq_len = first.seq_len if args.seq_len is None else _check_seq_len(args.seq_len, args.ahead, configs)
     data = args.data or first.data
     if data:
         check_data_files(data, "--data" if args.data else f"data of {ckpts[0].path} (pass --data)")
@@ -69,15 +84,22 @@ def run(args: Any) -> int:
         aheads.append(check_int(cfg.ahead if args.ahead is None else args.ahead, what, 1, seq_len - 1))
     out = probe_writable_dir(args.out, "--out")
     dev = pick_device(args.device)
-    decoder = load_model(model_spec, dev)
+    # the held-out split needs only the tokenizer: an empty one is reported before the model loads
     tok = load_tok(args.tokenizer or first.tokenizer, model_spec)
     corpus = load_corpus(tok, seq_len, files=data or None, heldout_frac=first.heldout_frac)
     held = corpus.heldout[: args.eval_seqs]
+    if held.shape[0] == 0:
+        raise ValueError(
+            f"held-out split is empty: {' '.join(data) if data else 'the default corpus'} gives "
+            f"{corpus.num_docs[1]} held-out document(s) at heldout_frac {first.heldout_frac} and no held-out "
+            f"sequence of {seq_len} tokens; expected at least one (pass --data with more text, or a shorter --seq-len)"
+        )
+    decoder = load_model(model_spec, dev)
     print(f"held-out: {held.shape[0]} sequences of {seq_len} tokens")
-    pause = coprocessor_from_checkpoint(decoder, pause_ck, device=dev) if pause_ck is not None else None
+    pause = coprocessor_from_checkpoint(decoder, pause_ck, device=dev, tokenizer=tok) if pause_ck is not None else None
     results = []
     for j, (ck, ahead) in enumerate(zip(ckpts, aheads, strict=True)):
-        cop = coprocessor_from_checkpoint(decoder, ck, device=dev)
+        cop = coprocessor_from_checkpoint(decoder, ck, device=dev, tokenizer=tok)
         obj = CacheAugmentationObjective(decoder, cop, ahead=ahead)
         res, tab = run_controls(
             obj, held, corpus.train[:32], pause=pause, batch_size=args.batch_size, autocast_dtype=autocast_dtype(dev)

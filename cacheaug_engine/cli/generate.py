@@ -79,7 +79,7 @@ def run(args: Any) -> int:
     if args.latents:
         handle = load_latents(args.latents, dev)
     elif need_cop:
-        cop = coprocessor_from_checkpoint(decoder, ck, device=dev)
+        cop = coprocessor_from_checkpoint(decoder, ck, device=dev, tokenizer=tok)
         cop.eval()
         handle = augment(decoder, cop, prompt, capacity=len(ids) + cop.num_latents + args.max_new_tokens + 1)
         if args.save_latents:

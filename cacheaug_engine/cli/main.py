@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from collections.abc import Sequence
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from cacheaug_engine.cli import bench, demo, evaluate, export, generate, info, kernels, tasks, train
 from cacheaug_engine.cli.args import UsageError
@@ -25,6 +26,17 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         sys.stderr.write(f"{self.prog}: error: {message}\n")
         raise SystemExit(2)
+
+
+def _one_line_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                      file: Any = None, line: str | None = None) -> None:
+    """Our own warnings (a prompt past the model's trained positions, ...) as one ``cacheaug: warning:`` line."""
+    from cacheaug_engine.models.config import PositionRangeWarning
+
+    if issubclass(category, PositionRangeWarning):
+        sys.stderr.write(f"cacheaug: warning: {message}\n")
+    else:
+        sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,7 +59,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from cacheaug_engine.train.numerics import NonFiniteLossError
 
     try:
-        return int(args.func(args) or 0)
+        with warnings.catch_warnings():
+            warnings.showwarning = _one_line_warning
+            return int(args.func(args) or 0)
     except UsageError as e:
         sys.stderr.write(f"cacheaug: error: {e}\n")
         return 2

@@ -269,7 +269,14 @@ class SequenceLoader:
         return {"epoch": self.epoch, "index": self.index, "seed": self.seed}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        """Continue from a saved position."""
+        """Continue from a saved position; ValueError when it lies outside this stream (an index past
+        the epoch's sequences would silently wrap into the next epoch)."""
+        n = self.sequences.shape[0]
+        for key, high in (("epoch", None), ("index", n), ("seed", None)):
+            v = state.get(key, self.seed if key == "seed" else None)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0 or (high is not None and v > high):
+                want = f"an integer in [0, {high}] (this corpus has {n} sequences)" if high else "an integer >= 0"
+                raise ValueError(f"loader position: {key} expected {want}, got {v!r}")
         self.seed = int(state.get("seed", self.seed))
         self.epoch, self.index = int(state["epoch"]), int(state["index"])
         self._perm = self._order(self.epoch)

@@ -36,6 +36,7 @@ from cacheaug_engine.augment.coprocessor import Coprocessor
 from cacheaug_engine.generation.latents import AugmentHandle
 from cacheaug_engine.generation.sampling import decode_tokens
 from cacheaug_engine.models import DecoderLike, KVCache
+from cacheaug_engine.models.config import warn_past_positions
 
 STEP_MODES = ("auto", "dynamic", "static", "graph")
 
@@ -121,6 +122,8 @@ def generate(
         step: "auto" | "dynamic" | "static" | "graph" (see the module docstring).
 
     Returns a :class:`Generation` with one token list per row (per sample with ``num_samples``).
+    Rows that need more positions (prompt + latents + new tokens) than the model was trained for
+    (``max_position_embeddings``) still run, with one ``PositionRangeWarning`` per call.
     """
     rows = _as_rows(prompts)
     b = len(rows)
@@ -179,6 +182,8 @@ def _prefill_and_augment(
     tail = [(nl + (1 if early else 0)) if f else 0 for f in flags]  # latents (+ last prompt token) per row
     total = [a + t for a, t in zip(pre, tail, strict=True)]
     capacity = max(total) + max_new_tokens
+    warn_past_positions(decoder.cfg, capacity, f"generate: the longest row's prompt ({max(p_lens)} tokens)"
+                        f"{f' + {nl} latents' if any(flags) else ''} + {max_new_tokens} new tokens")
     logits = None
     reuse = handle is not None and handle.cache is not None and handle.cache.capacity >= capacity
     if reuse:  # augment() already prefilled this prompt's cache: it grows in place, so it is used once

@@ -10,6 +10,7 @@ RMSNorm with ``(1 + w)``, sqrt(d) embedding scale, GeGLU, tied embeddings,
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -17,6 +18,34 @@ SUPPORTED_ARCHS = ("llama", "qwen2", "gemma2")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 _ACTS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_tanh": "gelu_tanh",
          "gelu": "gelu_tanh"}  # HF Gemma-2 "gelu" checkpoints are run with the tanh approximation too
+
+
+class PositionRangeWarning(UserWarning):
+    """A run uses positions past the model's trained range (``max_position_embeddings``)."""
+
+
+def warn_past_positions(cfg: Any, positions: int, what: str) -> bool:
+    """Warn (PositionRangeWarning, once per call site and length) when ``positions`` exceeds
+    ``cfg.max_position_embeddings``: RoPE past the trained range runs but its output degrades.
+    Returns whether it warned. ``what`` names the input (e.g. "generate: prompt + latents + new tokens")."""
+    limit = getattr(cfg, "max_position_embeddings", None)
+    if not isinstance(limit, int) or positions <= limit:
+        return False
+    warnings.warn(
+        f"{what} needs {positions} positions, past the model's trained range (max_position_embeddings = "
+        f"{limit}); positions >= {limit} are untrained and the output may degrade",
+        PositionRangeWarning, stacklevel=3,
+    )
+    return True
+
+
+def heads_fix(heads: int, kv_heads: int, kv_key: str, heads_key: str) -> str:
+    """What to change when ``kv_heads`` does not divide ``heads``: the valid KV head counts, or the
+    query head counts this KV count would take (GQA groups query heads evenly over KV heads)."""
+    divisors = ", ".join(str(d) for d in range(1, heads + 1) if heads % d == 0)
+    multiples = ", ".join(str(kv_heads * m) for m in range(1, 4))
+    return f"set {kv_key} to one of {divisors} (the divisors of {heads_key} = {heads}) or {heads_key} to a " \
+           f"multiple of {kv_heads} ({multiples}, ...)"
 
 
 @dataclass
@@ -87,7 +116,7 @@ class DecoderConfig:
         if self.num_heads % self.num_kv_heads:
             raise ValueError(
                 f"num_kv_heads: must divide num_heads ({self.num_heads}) for grouped-query attention, "
-                f"got {self.num_kv_heads}"
+                f"got {self.num_kv_heads}; {heads_fix(self.num_heads, self.num_kv_heads, 'num_kv_heads', 'num_heads')}"
             )
         for name in ("rms_norm_eps", "rope_theta"):
             _check_float(name, getattr(self, name), positive=True)
@@ -156,8 +185,10 @@ class DecoderConfig:
         heads = _hf_int(hf, "num_attention_heads")
         kv_heads = _hf_int(hf, "num_key_value_heads") if hf.get("num_key_value_heads") is not None else heads
         if kv_heads < 1 or heads % kv_heads:
+            fix = heads_fix(heads, kv_heads, "num_key_value_heads", "num_attention_heads") if kv_heads >= 1 else ""
             raise ValueError(
-                f"num_key_value_heads: expected an integer >= 1 dividing num_attention_heads ({heads}), got {kv_heads}"
+                f"num_key_value_heads: expected an integer >= 1 dividing num_attention_heads ({heads}), "
+                f"got {kv_heads}{'; ' + fix if fix else ''}"
             )
         if hf.get("head_dim") is not None:
             head_dim = _hf_int(hf, "head_dim")

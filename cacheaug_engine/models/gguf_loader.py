@@ -20,6 +20,7 @@ from torch import Tensor
 
 from .config import DecoderConfig
 from .decoder import Decoder
+from .weight_checks import check_weight
 
 if TYPE_CHECKING:
     from gguf import GGUFReader
@@ -173,8 +174,12 @@ def read_gguf_weights(path: str | Path) -> tuple[DecoderConfig, dict[str, Tensor
     return _read_gguf(str(p), st.st_size, st.st_mtime_ns)
 
 
-def load_gguf_decoder(path: str | Path, dtype: torch.dtype = torch.float32) -> Decoder:
-    """A frozen Decoder from a .gguf file; its weights are a private copy in ``dtype``."""
+def load_gguf_decoder(path: str | Path, dtype: torch.dtype = torch.float32, *, check_finite: bool = True) -> Decoder:
+    """A frozen Decoder from a .gguf file; its weights are a private copy in ``dtype``, checked finite
+    (ValueError naming the file and tensor) unless ``check_finite=False``."""
     cfg, cached = read_gguf_weights(path)
+    if check_finite:
+        for name, w in cached.items():
+            check_weight(path, name, w)
     state = {k: v.to(dtype=dtype, copy=True) for k, v in cached.items()}
     return Decoder.from_weights(cfg, state, source=path)

@@ -12,6 +12,7 @@ from torch import Tensor
 
 from .config import DecoderConfig
 from .decoder import Decoder
+from .weight_checks import check_weight
 
 _LAYER = re.compile(r"^(?:model\.)?layers\.(\d+)\.(.+)$")
 _COMMON = {
@@ -84,24 +85,27 @@ def _weight_files(path: Path) -> list[Path]:
     raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json{hint}")
 
 
-def read_safetensors(files: list[Path]) -> dict[str, Tensor]:
-    """All tensors of the given safetensors files; a corrupt file raises ValueError naming it."""
+def read_safetensors(files: list[Path], *, check_finite: bool = True) -> dict[str, Tensor]:
+    """All tensors of the given safetensors files; a corrupt file, an integer tensor or (with
+    ``check_finite``) a NaN/Inf value raises ValueError naming the file (and the tensor)."""
     state: dict[str, Tensor] = {}
     for f in files:
         try:
             with safe_open(str(f), framework="pt") as fh:
                 for key in fh.keys():
                     state[key] = fh.get_tensor(key)
+                    check_weight(f, key, state[key], check_finite=check_finite)
         except (SafetensorError, OSError, RuntimeError) as e:
             raise ValueError(f"{f}: cannot read safetensors weights ({e})") from None
     return state
 
 
-def load_hf_decoder(path: str | Path, dtype: torch.dtype = torch.float32) -> Decoder:
-    """A frozen Decoder from a HF directory (Llama/SmolLM2, Qwen2, Gemma-2), weights cast to dtype."""
+def load_hf_decoder(path: str | Path, dtype: torch.dtype = torch.float32, *, check_finite: bool = True) -> Decoder:
+    """A frozen Decoder from a HF directory (Llama/SmolLM2, Qwen2, Gemma-2), weights cast to dtype
+    (floating-point weights only; finite unless ``check_finite=False``)."""
     path = Path(path)
     cfg = read_hf_config(path)
-    raw = read_safetensors(_weight_files(path))
+    raw = read_safetensors(_weight_files(path), check_finite=check_finite)
     state: dict[str, Tensor] = {}
     for name, tensor in raw.items():
         ours = hf_to_ours(name, cfg)

@@ -28,21 +28,23 @@ def _kind(path: str | Path) -> str:
     raise ValueError(f"{p}: not a model directory and not a GGUF file (magic {magic!r}, expected b'GGUF')")
 
 
-def load_decoder(path: str | Path, dtype: torch.dtype = torch.float32) -> Decoder:
+def load_decoder(path: str | Path, dtype: torch.dtype = torch.float32, *, check_finite: bool = True) -> Decoder:
     """A frozen Decoder from a HF directory (config.json + safetensors, sharded or not) or a .gguf file.
 
     GGUF weights are dequantized once per process (cached); each call returns a new Decoder.
     Corrupt or unsupported files raise ValueError / FileNotFoundError naming the file; ``dtype``
-    must be a floating dtype (checked before anything is read).
+    must be a floating dtype (checked before anything is read). Weights must be floating point
+    (an int32 tensor is refused, not cast) and finite: a NaN/Inf value (a corrupted payload)
+    raises ValueError naming the file and tensor; ``check_finite=False`` skips that scan (speed).
     """
     check_float_dtype(dtype)
     if _kind(path) == "hf":
         from .hf import load_hf_decoder
 
-        return load_hf_decoder(path, dtype)
+        return load_hf_decoder(path, dtype, check_finite=check_finite)
     from .gguf_loader import load_gguf_decoder
 
-    return load_gguf_decoder(path, dtype)
+    return load_gguf_decoder(path, dtype, check_finite=check_finite)
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:
@@ -54,8 +56,9 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     return load_gguf_tokenizer(path)
 
 
-def load_model(spec: str, device: str | torch.device = "cpu") -> Any:
-    """A frozen Decoder for "default", a model path, or "random:<config.json>" (fp32)."""
+def load_model(spec: str, device: str | torch.device = "cpu", *, check_finite: bool = True) -> Any:
+    """A frozen Decoder for "default", a model path, or "random:<config.json>" (fp32); loaded weights
+    are checked finite unless ``check_finite=False`` (see :func:`load_decoder`)."""
     from .default import default_model_path  # default imports this module: a local import avoids the loop
 
     if spec.startswith("random:"):
@@ -70,9 +73,9 @@ def load_model(spec: str, device: str | torch.device = "cpu") -> Any:
             raise ValueError(f"{cfg_path}: {e}") from None
         model = Decoder.from_config(cfg, dtype=torch.float32, seed=0)
     elif spec == "default":
-        model = load_decoder(default_model_path())
+        model = load_decoder(default_model_path(), check_finite=check_finite)
     else:
         if not Path(spec).exists():
             raise FileNotFoundError(f"{spec}: no such model file or directory")
-        model = load_decoder(spec)
+        model = load_decoder(spec, check_finite=check_finite)
     return model.to(device)

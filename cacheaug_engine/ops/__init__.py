@@ -40,7 +40,7 @@ def segment_attention(
             for it by the fused kernels).
         prefix_lens: int32/int64 [B, N], p_k in [0, T]: block k sees prefix keys j < p_k.
         block_len: S. Row i of block k sits at absolute position p_k + i.
-        causal: row i sees its block's keys i' <= i (all S keys if False).
+        causal: row i sees its block's keys i' <= i (all S keys if False); a bool (TypeError otherwise).
         softcap: c, scores become c * tanh(s / c) before masking (Gemma-2: 50).
         window: keep only keys at absolute position > p_k + i - window.
         scale: score scale, default 1/sqrt(Dh).
@@ -49,9 +49,10 @@ def segment_attention(
             available for q's device.
 
     dtypes: float32, float16, bfloat16 (float32 accumulation); float64 on the torch backend.
-    Returns o with q's shape and dtype (and lse). A key a row cannot see never influences that
-    row's o, lse or gradients, whatever its memory holds; a key whose k or v holds NaN/Inf makes
-    the rows that see it NaN (every backend; contract in reference.finite_keys).
+    Returns o with q's shape and dtype (and lse); an empty batch (B = 0) gives empty o and lse.
+    A key a row cannot see never influences that row's o, lse or gradients, whatever its memory
+    holds; a key whose k or v holds NaN/Inf makes the rows that see it NaN (every backend;
+    contract in reference.finite_keys).
     """
     validate.check_segment_inputs(
         q, k, v, k_prefix, v_prefix, prefix_lens, block_len, softcap, window, scale, values=False
@@ -128,7 +129,8 @@ def merge_states(
 
     Returns (o [..., Dh] in o_a's dtype, lse fp32 [...]) = attention over the union. An empty
     part contributes nothing whatever its o holds; a NaN lse gives NaN o and lse, never the
-    o = 0 of an empty state.
+    o = 0 of an empty state; a +inf lse (an overflowed state: its weight inf / inf is undefined)
+    gives NaN o and lse +inf (= logaddexp of the two), as ``reference.merge_states``.
     """
     validate.check_merge_inputs(o_a, lse_a, o_b, lse_b)
     name = resolve_backend("merge_states", backend, o_a.device, dtype=o_a.dtype, head_dim=o_a.shape[-1])

@@ -95,6 +95,15 @@ def _index_tensor(name: str, x: object, ndim: int) -> Tensor:
 
 
 # ------------------------------------------------------------------------------------------ segment
+def _empty_segment(q: Tensor, return_lse: bool) -> Tensor | tuple[Tensor, Tensor]:
+    """segment_attention's outputs for a batch of 0 requests: o [0, Hq, N*S, Dh] like q (still
+    attached to q's graph, so a backward through it runs), lse fp32 [0, Hq, N*S]."""
+    o = q * 0
+    if not return_lse:
+        return o
+    return o, q.new_empty(q.shape[:3], dtype=reference.lse_dtype(q.dtype))
+
+
 @dataclass(frozen=True)
 class SegmentPlan:
     """A planned segment_attention: index values checked, backend chosen. Build with
@@ -141,6 +150,8 @@ class SegmentPlan:
             raise ValueError(
                 f"k_prefix: {k_prefix.shape[2]} keys, but the plan has prefix_lens up to {self.max_prefix_len}"
             )
+        if q.shape[0] == 0:  # an empty batch: empty outputs (the kernels' grids would be empty)
+            return _empty_segment(q, self.return_lse)
         extra: dict[str, Any] = {}
         if self.backend == "torch":
             extra = {"max_prefix_len": self.max_prefix_len, "mask_cache": self.mask_cache}
@@ -174,6 +185,8 @@ def plan_segment_attention(
     if isinstance(block_len, bool) or not isinstance(block_len, int) or block_len < 1:
         raise ValueError(f"block_len: expected an int >= 1, got {block_len!r}")
     _check_bound("prefix_len", prefix_len, 2**62)
+    validate.check_flag("causal", causal)
+    validate.check_flag("return_lse", return_lse)
     validate.check_options(softcap, window, scale)
     if max_prefix_len is not None:
         hi = _check_bound("max_prefix_len", max_prefix_len, prefix_len)
@@ -282,6 +295,7 @@ def plan_decode(
     _index_tensor("suffix_lens" if shared_len is not None else "lens", lens, 1)
     name_lens = "suffix_lens" if shared_len is not None else "lens"
     _check_bound("kv_capacity", kv_capacity, 2**62)
+    validate.check_flag("return_lse", return_lse)
     validate.check_options(softcap, window, scale)
     if max_len is not None:
         _check_bound("max_len", max_len, kv_capacity)

@@ -99,6 +99,13 @@ def index_range(name: str, x: Tensor, low: int, high: int, row_high: Tensor | No
     return hi
 
 
+def check_flag(name: str, value: object) -> bool:
+    """``value`` is a real bool (a string such as "no" is truthy, so it is refused rather than guessed)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name}: expected True or False (a bool), got {value!r}")
+    return value
+
+
 def check_options(
     softcap: float | None, window: int | None, scale: float | None
 ) -> None:
@@ -210,8 +217,11 @@ def check_merge_inputs(o_a: Tensor, lse_a: Tensor, o_b: Tensor, lse_b: Tensor) -
     for name, x in (("o_a", o_a), ("lse_a", lse_a), ("o_b", o_b), ("lse_b", lse_b)):
         if not isinstance(x, Tensor):
             raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
+    for name, x in (("o_a", o_a), ("o_b", o_b)):
+        if x.dim() < 1:
+            raise ValueError(f"{name}: expected a tensor [..., Dh] with at least 1 dim (Dh last), got a 0-D tensor")
     check_float_group(["o_a", "o_b"], [o_a, o_b])
-    if o_a.shape != o_b.shape or o_a.dim() < 1:
+    if o_a.shape != o_b.shape:
         raise ValueError(f"o_b: expected the shape of o_a {tuple(o_a.shape)}, got {tuple(o_b.shape)}")
     for name, x in (("lse_a", lse_a), ("lse_b", lse_b)):
         want = torch.float64 if o_a.dtype == torch.float64 else torch.float32

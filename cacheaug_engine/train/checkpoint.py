@@ -5,7 +5,10 @@ Layout of a checkpoint directory::
     coprocessor.safetensors   trainable coprocessor tensors (soft tokens, LoRA or full weights, scale)
     optimizer.safetensors     optimizer tensors ("<param index>.<key>") and RNG states ("rng.<name>")
     state.json                coprocessor config, train config, step, schedule, optimizer
-                              hyper-parameters and scalars, data position, metrics
+                              hyper-parameters and scalars, data position, metrics, and what the
+                              coprocessor was trained for: ``decoder_identity`` (architecture +
+                              config hash) and ``tokenizer_fingerprint`` (placement and N_L are in
+                              the coprocessor config); :func:`check_compatible` refuses a mismatch
 
 Atomicity: everything is written to a temporary sibling directory ``.<name>.tmp-<pid>``,
 each file fsync'ed, then the directories are swapped (current -> ``.<name>.old``, temp ->
@@ -17,6 +20,7 @@ next save.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -29,7 +33,9 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from cacheaug_engine.augment.coprocessor import Coprocessor, CoprocessorConfig
+from cacheaug_engine.data.text import tokenizer_fingerprint
 from cacheaug_engine.fileio import fsync_dir, fsync_file, write_text_synced
+from cacheaug_engine.models.weight_checks import count_nonfinite
 from cacheaug_engine.train.config import TrainConfig
 
 COPRO_FILE, OPTIM_FILE, STATE_FILE = "coprocessor.safetensors", "optimizer.safetensors", "state.json"
@@ -240,19 +246,46 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
     raise CheckpointError(f"{path / STATE_FILE}: missing (not a checkpoint directory)")
 
 
-def _read_tensors(file: Path) -> dict[str, Tensor]:
+def _read_tensors(file: Path, check_finite: bool = True) -> dict[str, Tensor]:
     try:
-        return load_file(str(file))
+        tensors = load_file(str(file))
     except Exception as e:  # OSError, or safetensors' own error type for a corrupt/truncated file
         raise CheckpointError(f"{file}: unreadable safetensors file ({type(e).__name__}: {e})") from None
+    for name, t in tensors.items() if check_finite else ():
+        bad = count_nonfinite(t) if t.is_floating_point() else 0
+        if bad:
+            raise CheckpointError(
+                f"{file}: tensor {name!r} holds {bad} NaN/Inf value(s) of {t.numel()}; expected finite values "
+                "(a corrupted or diverged checkpoint; load_checkpoint(check_finite=False) skips this check)"
+            )
+    return tensors
 
 
-def load_checkpoint(path: str | os.PathLike, *, with_optimizer: bool = True) -> Checkpoint:
+def check_state(state: dict[str, Any], file: Path) -> None:
+    """The progress fields of a state.json (``step``, ``loader``) have their types: CheckpointError
+    naming ``file`` and the field otherwise (a hand-edited step "abc" fails here, not in int())."""
+    step = state.get("step")
+    if step is not None and (isinstance(step, bool) or not isinstance(step, int) or step < 0):
+        raise CheckpointError(f"{file}: step: expected an integer >= 0, got {step!r}")
+    loader = state.get("loader")
+    if loader is None:
+        return
+    if not isinstance(loader, dict):
+        raise CheckpointError(f"{file}: loader: expected an object with epoch and index, got {loader!r}")
+    for key in ("epoch", "index", "seed"):
+        v = loader.get(key, 0)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise CheckpointError(f"{file}: loader.{key}: expected an integer >= 0, got {v!r}")
+
+
+def load_checkpoint(path: str | os.PathLike, *, with_optimizer: bool = True, check_finite: bool = True) -> Checkpoint:
     """Read a checkpoint directory (tensors on the CPU). Raises CheckpointError naming the bad file.
 
     With ``with_optimizer``, a checkpoint whose state.json records optimizer state must have
     its optimizer.safetensors (a silently reset optimizer would make a resume inexact);
-    exported coprocessors (no optimizer section) load with no optimizer tensors.
+    exported coprocessors (no optimizer section) load with no optimizer tensors. Floating-point
+    tensors must be finite (a NaN/Inf names the file and tensor) unless ``check_finite=False``;
+    ``step`` and ``loader`` in state.json must be non-negative integers (:func:`check_state`).
     """
     d = resolve_checkpoint(path)
     sfile = d / STATE_FILE
@@ -265,10 +298,11 @@ def load_checkpoint(path: str | os.PathLike, *, with_optimizer: bool = True) -> 
         raise CheckpointError(f"{sfile}: expected a JSON object")
     if state.get("format") != FORMAT:
         raise CheckpointError(f"{sfile}: unknown checkpoint format {state.get('format')!r} (expected {FORMAT!r})")
+    check_state(state, sfile)
     cfile = d / COPRO_FILE
     if not cfile.is_file():
         raise CheckpointError(f"{cfile}: missing")
-    copro = _read_tensors(cfile)
+    copro = _read_tensors(cfile, check_finite)
     opt: dict[str, Tensor] = {}
     ofile = d / OPTIM_FILE
     if with_optimizer and "optimizer" in state:
@@ -276,7 +310,7 @@ def load_checkpoint(path: str | os.PathLike, *, with_optimizer: bool = True) -> 
             raise CheckpointError(
                 f"{ofile}: missing; {sfile.name} records optimizer state, so the run cannot resume exactly"
             )
-        opt = _read_tensors(ofile)
+        opt = _read_tensors(ofile, check_finite)
     return Checkpoint(path=d, state=state, coprocessor=copro, optimizer_tensors=opt)
 
 
@@ -328,10 +362,87 @@ def export_coprocessor(
     return out
 
 
+# config fields that do not change what a decoder computes (the same model read from a GGUF file
+# and from a HF directory may differ in them)
+IDENTITY_IGNORES = frozenset({"bos_token_id", "eos_token_id", "max_position_embeddings"})
+
+
+def decoder_identity(decoder: Any) -> dict[str, Any]:
+    """What identifies a frozen decoder in a checkpoint: ``arch`` and ``config_sha256`` (a hash of its
+    config without IDENTITY_IGNORES). A decoder with its own ``identity()`` (e.g. a wrapped
+    transformers model) gives that."""
+    own = getattr(decoder, "identity", None)
+    if callable(own):
+        return dict(own())
+    cfg = decoder.cfg
+    body = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(vars(cfg))
+    body = {k: v for k, v in body.items() if k not in IDENTITY_IGNORES}
+    text = json.dumps(body, sort_keys=True, default=str)
+    arch = getattr(cfg, "arch", type(decoder).__name__)
+    return {"arch": arch, "config_sha256": hashlib.sha256(text.encode()).hexdigest()}
+
+
+def trained_for(decoder: Any, tokenizer: Any = None) -> dict[str, Any]:
+    """The state.json fields that record what a coprocessor was trained for (besides its config's
+    placement and N_L): ``decoder_identity`` and, when known, ``tokenizer_fingerprint``."""
+    out: dict[str, Any] = {"decoder_identity": decoder_identity(decoder)}
+    if tokenizer is not None:
+        out["tokenizer_fingerprint"] = tokenizer_fingerprint(tokenizer)
+    return out
+
+
+def _short(identity: dict[str, Any]) -> str:
+    return f"{identity.get('arch')} (config sha256 {str(identity.get('config_sha256'))[:12]})"
+
+
+# coprocessor settings a checkpoint's tensors are only meaningful under (the rest is initialisation)
+COMPAT_FIELDS = ("placement", "num_latents", "latents", "lora_rank", "center")
+
+
+def check_compatible(
+    ckpt: Checkpoint, decoder: Any = None, tokenizer: Any = None, coprocessor_config: Any = None
+) -> None:
+    """Refuse to use ``ckpt`` with what it was not trained for; CheckpointError naming its state.json,
+    the setting and both values. Checks what is given: ``coprocessor_config`` (a CoprocessorConfig or
+    dict: placement, N_L, latent kind, LoRA rank, centring), ``decoder`` (architecture and config
+    hash, against ``decoder_identity``) and ``tokenizer`` (fingerprint). A checkpoint that predates a
+    field (no ``decoder_identity`` / ``tokenizer_fingerprint`` recorded) is not checked on it."""
+    where = ckpt.path / STATE_FILE
+    if coprocessor_config is not None:
+        want = coprocessor_config.to_dict() if hasattr(coprocessor_config, "to_dict") else dict(coprocessor_config)
+        have = ckpt.coprocessor_config
+        for key in COMPAT_FIELDS:
+            if key in want and key in have and want[key] != have[key]:
+                raise CheckpointError(
+                    f"{where}: trained for {key} {have[key]!r}, but the coprocessor it is loaded into has "
+                    f"{key} {want[key]!r} (its tensors mean something else there; build the coprocessor from the "
+                    "checkpoint's config)"
+                )
+    saved = ckpt.state.get("decoder_identity")
+    if decoder is not None and isinstance(saved, dict):
+        now = decoder_identity(decoder)
+        diff = [k for k in ("arch", "config_sha256") if k in saved and k in now and saved[k] != now[k]]
+        if diff:
+            raise CheckpointError(
+                f"{where}: trained on decoder {_short(saved)}, but this decoder is {_short(now)}; pass the "
+                f"model it was trained on (--model {ckpt.state.get('decoder', '?')})"
+            )
+    fp = ckpt.state.get("tokenizer_fingerprint")
+    if tokenizer is not None and isinstance(fp, str):
+        now_fp = tokenizer_fingerprint(tokenizer)
+        if now_fp != fp:
+            raise CheckpointError(
+                f"{where}: trained with tokenizer {fp}, but this tokenizer is {now_fp}; pass the tokenizer it "
+                "was trained with (--tokenizer, or none for the model's own)"
+            )
+
+
 def coprocessor_from_checkpoint(
-    decoder: Any, ckpt: Checkpoint, *, seed: int = 0, device: torch.device | None = None
+    decoder: Any, ckpt: Checkpoint, *, seed: int = 0, device: torch.device | None = None, tokenizer: Any = None
 ) -> Coprocessor:
-    """The coprocessor a checkpoint describes (its config, its trainable tensors) on ``decoder``."""
+    """The coprocessor a checkpoint describes (its config, its trainable tensors) on ``decoder``;
+    CheckpointError when ``decoder`` (or ``tokenizer``, when given) is not what it was trained for."""
+    check_compatible(ckpt, decoder, tokenizer)
     cop = Coprocessor(decoder, config=CoprocessorConfig.from_dict(ckpt.coprocessor_config), seed=seed)
     cop.load_trainable_state(ckpt.coprocessor)
     return cop if device is None else cop.to(device)

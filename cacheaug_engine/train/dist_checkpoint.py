@@ -34,7 +34,7 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 
 from cacheaug_engine.fileio import fsync_dir, write_text_synced
-from cacheaug_engine.train.checkpoint import Checkpoint, CheckpointError, save_checkpoint, swap_in
+from cacheaug_engine.train.checkpoint import Checkpoint, CheckpointError, check_state, save_checkpoint, swap_in
 
 STATE_FILE, MARKER = "train_state.json", "COMPLETE"
 FORMAT = "cacheaug-dist-checkpoint/1"
@@ -88,6 +88,7 @@ def read_train_state(path: str | os.PathLike) -> Checkpoint:
         raise CheckpointError(f"{d}: unreadable {STATE_FILE} ({type(e).__name__}: {e})") from None
     if state.get("format") != FORMAT:
         raise CheckpointError(f"{d}: unknown distributed checkpoint format {state.get('format')!r}")
+    check_state(state, d / STATE_FILE)
     return Checkpoint(path=d, state=state, coprocessor={})
 
 

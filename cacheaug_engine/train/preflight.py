@@ -130,6 +130,26 @@ def check_resume(saved: dict[str, Any], cfg: Any, source: str | os.PathLike) -> 
         )
 
 
+def check_resume_step(step: Any, steps: int, source: str | os.PathLike) -> None:
+    """A resumed run must not already be past ``--steps`` (it would report steps it never took)."""
+    if isinstance(step, int) and not isinstance(step, bool) and step > steps:
+        raise ValueError(
+            f"--resume: {source} is at step {step}, past steps (--steps) {steps}; pass --steps > {step} to train "
+            "further (or start a new run in another --out)"
+        )
+
+
+def other_hint(other: Path) -> str:
+    """How to resume from the other kind of checkpoint found in OUT: ``checkpoint-dist`` (sharded,
+    written under torchrun with --distributed) or a plain ``checkpoint``."""
+    if other.name == "checkpoint-dist":
+        return (
+            f"{other} exists (a distributed checkpoint): resume it under torchrun with --distributed ddp or fsdp "
+            f"and --resume, or export it (cacheaug export {other} DST) and start a run with --init-from DST"
+        )
+    return f"{other} exists (a single-process checkpoint): resume it without --distributed (plain cacheaug train)"
+
+
 def eval_ahead_range(seq_len: int) -> tuple[int, int]:
     """Valid N_A for evaluating sequences of ``seq_len`` tokens: at least 8 context tokens before a point."""
     return 1, max(seq_len - 8, 1)

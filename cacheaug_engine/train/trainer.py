@@ -40,6 +40,7 @@ from cacheaug_engine.train.checkpoint import (
     restore_rng,
     rng_tensors,
     save_checkpoint,
+    trained_for,
 )
 from cacheaug_engine.train.config import TrainConfig
 from cacheaug_engine.train.dist_checkpoint import (
@@ -51,7 +52,7 @@ from cacheaug_engine.train.dist_checkpoint import (
 )
 from cacheaug_engine.train.distributed import grad_sync, init_distributed, memory_report, root_unsharded, shutdown, wrap
 from cacheaug_engine.train.numerics import check_step_finite, grad_norm
-from cacheaug_engine.train.preflight import check_resume, check_run_inputs
+from cacheaug_engine.train.preflight import check_resume, check_resume_step, check_run_inputs, other_hint
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -79,11 +80,14 @@ def _silent(_msg: str) -> None:
     """The log of ranks other than 0."""
 
 
-def build_coprocessor(decoder, cfg: TrainConfig, log: Callable[[str], None] = print) -> tuple[Coprocessor, Any]:
-    """A fresh coprocessor from ``cfg``, or one loaded from ``cfg.init_from`` (returns it and that ckpt)."""
+def build_coprocessor(
+    decoder, cfg: TrainConfig, log: Callable[[str], None] = print, tokenizer: Any = None
+) -> tuple[Coprocessor, Any]:
+    """A fresh coprocessor from ``cfg``, or one loaded from ``cfg.init_from`` (returns it and that ckpt;
+    CheckpointError when that checkpoint was trained on another decoder or tokenizer)."""
     if cfg.init_from:
         ck = load_checkpoint(cfg.init_from, with_optimizer=False)
-        cop = coprocessor_from_checkpoint(decoder, ck, seed=cfg.seed)
+        cop = coprocessor_from_checkpoint(decoder, ck, seed=cfg.seed, tokenizer=tokenizer)
         log(f"initialised the coprocessor from {ck.path} (step {ck.state.get('step')})")
         return cop, ck
     return Coprocessor(decoder, config=CoprocessorConfig(**cfg.coprocessor_kwargs()), seed=cfg.seed), None
@@ -159,12 +163,13 @@ class Trainer:
             )
             self.log(f"data: {corpus.describe()}")
         self.corpus = corpus
+        self.tokenizer = tokenizer
         torch.manual_seed(cfg.seed)
         if resumed is not None:  # tensors are loaded after the optimizer exists (load_state_dict)
             cop = Coprocessor(self.decoder, config=CoprocessorConfig.from_dict(resumed.coprocessor_config),
                               seed=cfg.seed)
         else:
-            cop, init = build_coprocessor(self.decoder, cfg, self.log)
+            cop, init = build_coprocessor(self.decoder, cfg, self.log, tokenizer)
             if init is not None:  # record the shapes the tensors have, not the flags' defaults
                 cfg = with_coprocessor_settings(cfg, cop.config.to_dict())
         self.cfg = cfg
@@ -203,9 +208,14 @@ class Trainer:
         try:
             return read_train_state(self.ckpt_path) if self.ctx else load_checkpoint(self.ckpt_path)
         except CheckpointError as e:
+            other = self.out / ("checkpoint" if self.ctx else "checkpoint-dist")
+            if not self.ckpt_path.exists() and other.exists():
+                raise CheckpointError(f"--resume: {self.ckpt_path}: no such checkpoint, but {other_hint(other)}") \
+                    from None
             raise CheckpointError(f"--resume: {e}") from None
 
     def _check_resume(self, cfg: TrainConfig, resumed: Checkpoint) -> None:
+        check_resume_step(resumed.state.get("step", 0), cfg.steps, resumed.path)
         saved = dict(resumed.train_config())
         if self.ctx is not None:  # any world size resumes, if the global batch stays the same
             if cfg.batch_size * self.world != resumed.state["global_batch"]:
@@ -236,11 +246,15 @@ class Trainer:
             "history": self.history,
             "evals": self.evals,
             "decoder": self.cfg.model,
+            **trained_for(self.decoder, self.tokenizer),
             "lr": lr_at(max(self.step_count - 1, 0), self.cfg),
         }
 
     def _load_progress(self, state: dict[str, Any]) -> None:
-        self.loader.load_state_dict(state["loader"])
+        try:
+            self.loader.load_state_dict(state["loader"])
+        except ValueError as e:  # a position past this corpus would silently wrap into another epoch
+            raise CheckpointError(f"--resume: {self.ckpt_path}: {e}") from None
         self.history = list(state.get("history", []))
         self.evals = list(state.get("evals", []))
         self.step_count = int(state["step"])

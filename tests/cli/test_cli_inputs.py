@@ -237,7 +237,7 @@ EVAL_CASES = [
     (["{d}/adir"], ["{d}/adir/state.json", "missing"]),
     (["{ck}", "--ahead", "0"], ["--ahead", "got 0"]),
     (["{ck}", "--ahead", "1000"], ["--ahead", "[1, 39]"]),
-    (["{ck}", "--seq-len", "1"], ["--seq-len", ">= 2"]),
+    (["{ck}", "--seq-len", "1"], ["--seq-len", "expected an integer >= 4", "N_A = 3", "got 1"]),
     (["{ck}", "--eval-seqs", "0"], ["--eval-seqs", ">= 1"]),
     (["{ck}", "--batch-size", "0"], ["--batch-size", ">= 1"]),
     (["{ck}", "--device", "foo"], ["--device", "'foo'"]),

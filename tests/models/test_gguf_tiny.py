@@ -147,3 +147,22 @@ def test_tiny_gguf_tokenizer_bytes(hf_llama, tmp_path: Path) -> None:
     ids = tok.encode(text).ids
     assert ids == [255, 32, 49, 50, 32, 98, 97]  # "ab" merged, digits split, "b a" not merged
     assert tok.decode(ids) == text
+
+
+@pytest.mark.reliability
+def test_nan_in_a_gguf_tensor_is_refused_naming_it(hf_llama, tmp_path: Path) -> None:
+    """Issue 26: a GGUF whose payload holds a NaN loads only with check_finite=False."""
+    name = "model.layers.1.mlp.down_proj.weight"
+    with torch.no_grad():
+        saved = hf_llama.get_parameter(name).clone()
+        hf_llama.get_parameter(name)[0, 0] = float("nan")
+    try:
+        path = tmp_path / "tiny-nan.gguf"
+        write_llama_gguf(hf_llama, path, gguf.GGMLQuantizationType.F32)
+    finally:
+        with torch.no_grad():
+            hf_llama.get_parameter(name).copy_(saved)
+    with pytest.raises(ValueError) as info:
+        load_decoder(path)
+    assert str(info.value).startswith(f"{path}: tensor 'layers.1.mlp.down_proj.weight' holds 1 NaN/Inf"), info.value
+    assert load_decoder(path, check_finite=False).cfg.num_layers == 2
