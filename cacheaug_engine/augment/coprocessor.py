@@ -26,6 +26,8 @@ from .lora import DEFAULT_TARGETS, LoRALinear, add_lora, shared_clone
 SCALE_MODES = ("none", "fixed", "learned")
 SOFT_INITS = ("stats", "tokens")
 LATENT_KINDS = ("coprocessor", "pause")
+# LoRA targets: the separate projections, plus the fused ones of some transformers models (Phi-3)
+LORA_TARGETS = (*DEFAULT_TARGETS, "qkv_proj", "gate_up_proj")
 
 
 @dataclass
@@ -155,7 +157,7 @@ class Coprocessor(nn.Module):
             state = torch.random.get_rng_state()
             torch.manual_seed(seed)
             try:
-                add_lora(model, config.lora_rank, config.lora_alpha, DEFAULT_TARGETS)
+                add_lora(model, config.lora_rank, config.lora_alpha, LORA_TARGETS)
             finally:
                 torch.random.set_rng_state(state)
         self.model: DecoderLike = model
