@@ -1,12 +1,10 @@
-"""transformers adapters: the augmented cache out to ``model.generate``, the objective into ``Trainer``.
+"""transformers adapter: the augmented cache out to the user's own ``model.generate``.
 
-* :func:`augmented_generate_inputs` - the prompt's cache plus the coprocessor's latents as a
-  transformers ``DynamicCache`` and the matching ``input_ids`` / ``attention_mask`` (latents stand
-  as placeholder ids), so the user's own ``hf_model.generate(**kwargs, max_new_tokens=n)``
-  continues from the augmented cache. Left-padded batches of different lengths work.
-* :class:`ObjectiveModel` - ``CacheAugmentationObjective`` as a model ``transformers.Trainer``
-  (or an ``accelerate`` loop) drives: ``forward(input_ids, ...) -> {"loss": ...}`` (see its docstring
-  for gradient accumulation).
+:func:`augmented_generate_inputs` - the prompt's cache plus the coprocessor's latents as a
+transformers ``DynamicCache`` and the matching ``input_ids`` / ``attention_mask`` (latents stand
+as placeholder ids), so ``hf_model.generate(**kwargs, max_new_tokens=n)`` continues from the
+augmented cache. Left-padded batches of different lengths work. (Training under
+``transformers.Trainer`` / ``accelerate``: integrations/transformers_trainer.py.)
 
 transformers (5.x) is an optional extra: importing this module requires it.
 """
@@ -17,11 +15,10 @@ import inspect
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from transformers import DynamicCache
 
 from ..augment.coprocessor import Coprocessor
-from ..augment.objective import CacheAugmentationObjective
 from ..models.cache import KVCache
 from ..models.protocol import DecoderLike
 
@@ -39,7 +36,9 @@ def _rows(input_ids: Tensor, attention_mask: Tensor | None) -> list[Tensor]:
     for m, r in zip(attention_mask, rows, strict=True):
         n = len(r)
         if n == 0 or not (bool(m[-n:].all()) or bool(m[:n].all())):
-            raise ValueError("attention_mask: every row needs >= 1 token and one contiguous (left- or right-) padded run")
+            raise ValueError(
+                "attention_mask: every row needs >= 1 token and one contiguous (left- or right-) padded run"
+            )
     return rows
 
 
@@ -75,9 +74,10 @@ def augmented_generate_inputs(
     Returns a dict with ``input_ids`` [B, L] (left padded: prompt, then N_L placeholders; for
     "early", the prompt's last token after them), ``attention_mask`` [B, L], the cache under the
     keyword the model's forward takes (``cache`` in transformers >= 5.2x, where ``past_key_values``
-    is deprecated; ``past_key_values`` before): a DynamicCache holding L - 1 entries per layer: the prompt and the latents, computed by the
-    engine) and, for placement "paper", ``inputs_embeds`` [B, L, d] whose last row is the last
-    latent (transformers feeds only the rows past the cache, i.e. that one). ``generate`` returns
+    is deprecated; ``past_key_values`` before): a DynamicCache holding L - 1 entries per layer (the
+    prompt and the latents, computed by the engine) and, for placement "paper", ``inputs_embeds``
+    [B, L, d] whose last row is the last latent (transformers feeds only the rows past the cache,
+    i.e. that one). ``generate`` returns
     ``input_ids`` followed by the new tokens: slice ``out[:, L:]``.
     """
     rows = _rows(input_ids, attention_mask)
@@ -134,38 +134,3 @@ def augmented_generate_inputs(
         emb[:, -1] = latents[:, -1].to(emb.dtype)
         kwargs["inputs_embeds"] = emb
     return kwargs
-
-
-class ObjectiveModel(nn.Module):
-    """``CacheAugmentationObjective`` as a model for ``transformers.Trainer`` / ``accelerate``.
-
-    ``forward(input_ids, positions=None, num_items_in_batch=None) -> {"loss", "ce_aug", "ce_base"}``.
-    Only the coprocessor's parameters train (the decoder is frozen). ``loss`` is the mean
-    cross-entropy over this batch's scored targets; when transformers passes
-    ``num_items_in_batch`` (the number of targets over all the micro-batches of one
-    accumulated step, which ``Trainer`` does because ``accepts_loss_kwargs`` is True here), the
-    loss is the *sum* over this micro-batch divided by that count, so gradient accumulation gives
-    exactly the mean over the whole accumulated batch (Trainer then does not divide again).
-    ``count_items(input_ids)`` is that count for one micro-batch (B x N x N_A).
-    """
-
-    accepts_loss_kwargs = True
-
-    def __init__(self, objective: CacheAugmentationObjective) -> None:
-        super().__init__()
-        self.objective = objective
-
-    def count_items(self, input_ids: Tensor) -> int:
-        """Targets one micro-batch of ``input_ids`` [B, T] scores: B x N x N_A."""
-        return int(input_ids.shape[0]) * self.objective.num_positions * self.objective.ahead
-
-    def forward(
-        self, input_ids: Tensor, positions: Tensor | None = None, num_items_in_batch: Any = None, **_: Any
-    ) -> dict[str, Tensor]:
-        """The objective on ``input_ids`` [B, T] (extra collator keys such as attention_mask/labels ignored)."""
-        out = self.objective(input_ids, positions)
-        loss = out.loss
-        if num_items_in_batch is not None:
-            n = torch.as_tensor(num_items_in_batch, dtype=torch.float32, device=loss.device)
-            loss = loss * (out.ce_aug.numel() / n)
-        return {"loss": loss, "ce_aug": out.ce_aug, "ce_base": out.ce_base}

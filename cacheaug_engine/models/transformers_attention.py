@@ -94,7 +94,8 @@ def attention(
     if attention_mask is not None:
         bad.append("an explicit attention mask (the pass supplies its own masking)")
     if bad:
-        raise ValueError(f"layer {getattr(module, 'layer_idx', '?')}: not expressible by cacheaug ops: {', '.join(bad)}")
+        layer = getattr(module, "layer_idx", "?")
+        raise ValueError(f"layer {layer}: not expressible by cacheaug ops: {', '.join(bad)}")
     window = kwargs.get("sliding_window")
     call = LayerCall(
         layer=int(module.layer_idx), num_heads=query.shape[1], num_kv_heads=key.shape[1], head_dim=query.shape[3],

@@ -291,7 +291,8 @@ class TransformersDecoder(nn.Module):
         c = self.cfg
         if logits_at is not None and (logits_at.dim() != 2 or logits_at.shape[0] != b
                                       or logits_at.dtype not in (torch.int32, torch.int64)):
-            raise ValueError(f"logits_at: expected int32/int64 [{b}, R], got {logits_at.dtype} {tuple(logits_at.shape)}")
+            got = f"{logits_at.dtype} {tuple(logits_at.shape)}"
+            raise ValueError(f"logits_at: expected int32/int64 [{b}, R], got {got}")
         if t == 0:
             cache = KVCache.empty(c.num_layers, b, c.num_kv_heads, c.head_dim, capacity or 0, dtype=self.dtype,
                                   device=x.device)

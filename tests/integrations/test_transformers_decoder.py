@@ -142,8 +142,9 @@ def test_blocks_equal_hf_over_truncated_cache(model_type: str) -> None:
                 past = None
                 if pk:
                     past = hf(ids[r : r + 1, :pk], use_cache=True).past_key_values
-                want = hf(inputs_embeds=x[r : r + 1, k * s : (k + 1) * s], position_ids=pos[r : r + 1, k * s : (k + 1) * s],
-                          past_key_values=past, use_cache=True).logits[0].float()
+                blk = slice(k * s, (k + 1) * s)
+                want = hf(inputs_embeds=x[r : r + 1, blk], position_ids=pos[r : r + 1, blk], cache=past,
+                          use_cache=True).logits[0].float()
                 err = (got[r, k] - want).abs().max().item()
                 assert err <= 1e-5 * (1 + want.abs().max().item()), f"{model_type} row {r} block {k}: {err:.2e}"
 
