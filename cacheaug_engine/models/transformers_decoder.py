@@ -205,9 +205,9 @@ class TransformersDecoder(nn.Module):
         """Device of the weights."""
         return cast(torch.device, self.hf.get_input_embeddings().weight.device)
 
-    def identity(self) -> dict[str, Any]:
-        """What identifies this decoder in a checkpoint: implementation, architecture, config hash."""
-        return {"impl": "transformers", "arch": self.cfg.arch, "config_sha256": self.cfg.config_sha256}
+    def identity(self) -> str:
+        """What identifies this decoder in a checkpoint: "transformers:<model_type>:<config sha256, 16 hex>"."""
+        return f"transformers:{self.cfg.arch}:{self.cfg.config_sha256[:16]}"
 
     def train(self, mode: bool = True) -> TransformersDecoder:
         """Set this wrapper's flag only: the frozen model stays in eval mode (no dropout)."""
