@@ -1,5 +1,5 @@
 """Every listed transformers architecture end to end through TransformersDecoder: train a LoRA
-coprocessor 3 steps, evaluate it (evaluate_objective), generate with it (ours and the model's own
+coprocessor 3 steps, evaluate it (eval.evaluator.evaluate_controls), generate with it (ours and the model's own
 generate from augmented_generate_inputs, equal token for token)."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from cacheaug_engine.augment import CacheAugmentationObjective, Coprocessor  # noqa: E402
-from cacheaug_engine.decoding import generate_batch  # noqa: E402
-from cacheaug_engine.evaluate import evaluate_objective  # noqa: E402
+from cacheaug_engine.generation import generate  # noqa: E402
+from cacheaug_engine.eval.evaluator import evaluate_controls  # noqa: E402
 from cacheaug_engine.integrations.transformers import augmented_generate_inputs  # noqa: E402
 from cacheaug_engine.models import TransformersDecoder  # noqa: E402
 
@@ -45,10 +45,11 @@ def test_train_eval_generate(model_type: str) -> None:
         assert torch.isfinite(out.loss)
     assert any(not torch.equal(a, p) for a, p in zip(before, (p for p in copro.parameters() if p.requires_grad),
                                                      strict=True))
-    res = evaluate_objective(obj, data[:2], batch_size=2)
-    assert torch.isfinite(torch.as_tensor(res["ce_aug"])).all() and len(res["ce_aug"]) == 3
+    res = evaluate_controls(obj, data[:2], batch_size=2)
+    assert res["methods"] and all(torch.isfinite(torch.tensor(res["ce"][m])).all() for m in res["methods"])
+    assert torch.tensor(res["ce"][res["methods"][0]]).shape == (2, 3)
     rows = [data[0, :9], data[1, :5]]
-    ours = generate_batch(dec, rows, coprocessor=copro, max_new_tokens=5).tokens
+    ours = generate(dec, rows, coprocessor=copro, max_new_tokens=5).tokens
     ids = torch.zeros(2, 9, dtype=torch.long)
     mask = torch.zeros(2, 9, dtype=torch.long)
     for i, r in enumerate(rows):

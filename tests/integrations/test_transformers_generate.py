@@ -9,7 +9,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from cacheaug_engine.augment import Coprocessor  # noqa: E402
-from cacheaug_engine.decoding import generate_batch  # noqa: E402
+from cacheaug_engine.generation import generate  # noqa: E402
 from cacheaug_engine.integrations.transformers import augmented_generate_inputs  # noqa: E402
 from cacheaug_engine.models import Decoder, TransformersDecoder, load_decoder  # noqa: E402
 
@@ -48,8 +48,8 @@ def test_generate_continues_from_augmented_cache(model_type: str, placement: str
         for p in copro.parameters():
             p.add_(0.1 * torch.randn_like(p))
     rows = [torch.randint(3, 128, (n,), generator=torch.Generator().manual_seed(n)) for n in (9, 4, 6)]
-    ours = generate_batch(dec, rows, coprocessor=copro, max_new_tokens=8).tokens
-    plain = generate_batch(dec, rows, max_new_tokens=8).tokens
+    ours = generate(dec, rows, coprocessor=copro, max_new_tokens=8).tokens
+    plain = generate(dec, rows, max_new_tokens=8).tokens
     assert ours != plain, "the latents change nothing: the comparison could not fail"
     kw = augmented_generate_inputs(dec, copro, *_left_padded(rows))
     n = kw["input_ids"].shape[1]
