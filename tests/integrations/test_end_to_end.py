@@ -10,8 +10,8 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from cacheaug_engine.augment import CacheAugmentationObjective, Coprocessor  # noqa: E402
-from cacheaug_engine.generation import generate  # noqa: E402
 from cacheaug_engine.eval.evaluator import evaluate_controls  # noqa: E402
+from cacheaug_engine.generation import generate  # noqa: E402
 from cacheaug_engine.integrations.transformers import augmented_generate_inputs  # noqa: E402
 from cacheaug_engine.models import TransformersDecoder  # noqa: E402
 
