@@ -96,11 +96,9 @@ class TransformersDecoder(nn.Module):
     Args:
         model: e.g. ``AutoModelForCausalLM.from_pretrained(dir)``; any dtype and device. Frozen in
             place; its own attention implementation is untouched (``model.generate`` keeps working).
-        verify: run the wrap-time probe comparing our attention with the model's own (default True;
-            the per-layer options are recorded either way).
     """
 
-    def __init__(self, model: nn.Module, *, verify: bool = True) -> None:
+    def __init__(self, model: nn.Module) -> None:
         super().__init__()
         from transformers import PreTrainedModel
 
@@ -119,11 +117,11 @@ class TransformersDecoder(nn.Module):
         hf.set_attn_implementation(name)
         self.hf = hf
         self.attn_backend: str | None = None
-        self.cfg = self._probe(model, verify)
+        self.cfg = self._probe(model)
 
     # -- wrap-time probe -------------------------------------------------------------------------
     @torch.no_grad()
-    def _probe(self, model: nn.Module, verify: bool) -> TransformersConfig:
+    def _probe(self, model: nn.Module) -> TransformersConfig:
         c = model.config
         layers = getattr(self._body, "layers", None)
         n_layers = int(getattr(c, "num_hidden_layers", 0) or (len(layers) if layers is not None else 0))
@@ -155,30 +153,35 @@ class TransformersDecoder(nn.Module):
                 raise ValueError(f"{arch}: per-layer {feat} differs between layers ({sorted(map(str, vals))}); "
                                  "not supported")
         s0 = seen[0]
-        final_softcap = getattr(c, "final_logit_softcapping", None)
-        logits_scaling = getattr(c, "logits_scaling", None)
         cfg = TransformersConfig(
             arch=arch, vocab_size=self.vocab_size, hidden_size=int(hidden.shape[-1]), num_layers=n_layers,
             num_heads=s0.num_heads, num_kv_heads=s0.num_kv_heads, head_dim=s0.head_dim,
             attn_scale=s0.scale if s0.scale is not None else s0.head_dim ** -0.5, attn_softcap=s0.softcap,
-            final_softcap=None if final_softcap is None else float(final_softcap),
-            logits_scaling=None if logits_scaling in (None, 1, 1.0) else float(logits_scaling),
-            windows=tuple(s.window for s in seen), bos_token_id=getattr(c, "bos_token_id", None),
-            eos_token_id=getattr(c, "eos_token_id", None), config_sha256=config_sha256(c),
+            final_softcap=None, logits_scaling=None, windows=tuple(s.window for s in seen),
+            bos_token_id=getattr(c, "bos_token_id", None), eos_token_id=getattr(c, "eos_token_id", None),
+            config_sha256=config_sha256(c),
         )
         self.cfg = cfg
-        if verify:
-            want = model(input_ids=ids, use_cache=False).logits.float()
-            got = self.logits(hidden)
-            tol = (1e-4 if self.dtype in (torch.float32, torch.float64) else 5e-2) * (1 + float(want.abs().max()))
-            err = float((got - want).abs().max())
-            if not err <= tol:
-                raise ValueError(
-                    f"{arch}: with cacheaug attention the logits differ from the model's own by {err:.3g} "
-                    f"(tolerance {tol:.3g}): the model uses a feature the engine does not reproduce "
-                    "(e.g. attention biases or sinks, or an output-head transform)"
-                )
-        return cfg
+        # The output head: the lm_head, then whichever transform the config declares that the model
+        # really applies (Gemma's final softcap, Granite's logits_scaling), found by comparing with
+        # the model's own logits; anything else is an error.
+        want = model(input_ids=ids, use_cache=False).logits.float()
+        tol = (1e-4 if self.dtype in (torch.float32, torch.float64) else 5e-2) * (1 + float(want.abs().max()))
+        softcap, scaling = getattr(c, "final_logit_softcapping", None), getattr(c, "logits_scaling", None)
+        options = [(sc, ls) for sc in {softcap, None} for ls in {scaling, None}]
+        options.sort(key=lambda o: (o[0] is None, o[1] is None))  # the declared transforms first
+        errs = []
+        for sc, ls in options:
+            cfg.final_softcap = None if sc is None else float(sc)
+            cfg.logits_scaling = None if ls in (None, 1, 1.0) else float(ls)
+            errs.append(float((self.logits(hidden) - want).abs().max()))
+            if errs[-1] <= tol:
+                return cfg
+        raise ValueError(
+            f"{arch}: with cacheaug attention the logits differ from the model's own by {min(errs):.3g} "
+            f"(tolerance {tol:.3g}): the model uses a feature the engine does not reproduce "
+            "(e.g. attention biases or sinks, or an output-head transform)"
+        )
 
     # -- properties and building blocks --------------------------------------------------------
     @property

@@ -171,3 +171,27 @@ def test_model_left_usable_and_frozen() -> None:
     TransformersDecoder(hf)
     assert hf.config._attn_implementation != "cacheaug"
     assert torch.equal(hf(ids).logits, before) and not any(p.requires_grad for p in hf.parameters())
+
+
+def test_head_transform_is_what_the_model_applies() -> None:
+    """A config attribute the model ignores (gpt2 with a final softcap) is not applied; a transform the
+    engine cannot reproduce (a forward that rescales the logits) is refused at wrap time."""
+    cfg = transformers.GPT2Config(vocab_size=128, n_embd=64, n_layer=2, n_head=4, final_logit_softcapping=0.5)
+    hf = transformers.GPT2LMHeadModel(cfg).eval()
+    _randomise(hf, zero_norm=False)
+    ids = _ids(1, 9, 128)
+    td = TransformersDecoder(hf)
+    assert td.cfg.final_softcap is None
+    assert torch.allclose(td(ids), hf(ids).logits, atol=1e-5)
+
+    class Rescaled(transformers.LlamaForCausalLM):
+        def forward(self, *args, **kwargs):
+            out = super().forward(*args, **kwargs)
+            out.logits = out.logits * 2
+            return out
+
+    m = Rescaled(transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                          num_attention_heads=4, num_key_value_heads=2, head_dim=16)).eval()
+    _randomise(m, zero_norm=False)
+    with pytest.raises(ValueError, match="logits differ from the model's own"):
+        TransformersDecoder(m)
