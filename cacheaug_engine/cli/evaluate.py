@@ -17,6 +17,8 @@ def add_parser(sub: Any) -> None:
     )
     e.add_argument("checkpoints", nargs="+", metavar="CKPT", help="checkpoint directories (several: a sweep)")
     e.add_argument("--model", help="decoder (default: the one the checkpoint was trained on)")
+    e.add_argument("--decoder-impl", choices=("auto", "native", "transformers"),
+                   help="decoder implementation for --model (default: as in training)")
     e.add_argument("--tokenizer", help="tokenizer path or 'bytes'")
     e.add_argument("--data", nargs="+", metavar="FILE", help="text / .jsonl files (default: as in training)")
     e.add_argument("--seq-len", type=int, help="sequence length (default: as in training)")
@@ -69,7 +71,7 @@ def run(args: Any) -> int:
         aheads.append(check_int(cfg.ahead if args.ahead is None else args.ahead, what, 1, seq_len - 1))
     out = probe_writable_dir(args.out, "--out")
     dev = pick_device(args.device)
-    decoder = load_model(model_spec, dev)
+    decoder = load_model(model_spec, dev, impl=args.decoder_impl or first.decoder_impl)
     tok = load_tok(args.tokenizer or first.tokenizer, model_spec)
     corpus = load_corpus(tok, seq_len, files=data or None, heldout_frac=first.heldout_frac)
     held = corpus.heldout[: args.eval_seqs]
