@@ -93,6 +93,7 @@ def run(out: str, smoke: bool = False, repeats: int | None = None) -> dict[str, 
         gap = float((native.prefill(ids)[0] - wrapped.prefill(ids)[0]).abs().max())
     cases.append({"case": "prefill", "T": t, "B": 1, "max_abs_logit_diff": gap,
                   **_paired(prefill(native), prefill(wrapped), repeats, 1)})
+    print("prefill", cases[-1]["ratio_median"], flush=True)
 
     n, nl, na, rank = (2, 2, 4, 4) if smoke else (4, 8, 16, 32)
     p = torch.linspace(8, t - na, n).round().long().view(1, n)

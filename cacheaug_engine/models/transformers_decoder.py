@@ -138,9 +138,13 @@ class TransformersDecoder(nn.Module):
                 scale=call.scale, backend=self.attn_backend,
             ))
 
-        hidden = self._body(input_ids=ids, position_ids=torch.arange(t, device=self.device).view(1, t),
-                            use_cache=False, **{PASS_KWARG: AttentionPass(attend)}).last_hidden_state
         arch = str(getattr(c, "model_type", type(model).__name__))
+        try:
+            hidden = self._body(input_ids=ids, position_ids=torch.arange(t, device=self.device).view(1, t),
+                                use_cache=False, **{PASS_KWARG: AttentionPass(attend)}).last_hidden_state
+        except TypeError as e:
+            raise ValueError(f"{arch}: its forward does not pass extra keywords through to the attention "
+                             f"implementation (transformers' AttentionInterface), so it cannot be wrapped: {e}") from e
         if [s.layer for s in seen] != list(range(n_layers)):
             raise ValueError(
                 f"{arch}: attention was not run once per layer through the registered implementation "

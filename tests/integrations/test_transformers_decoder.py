@@ -195,3 +195,14 @@ def test_head_transform_is_what_the_model_applies() -> None:
     _randomise(m, zero_norm=False)
     with pytest.raises(ValueError, match="logits differ from the model's own"):
         TransformersDecoder(m)
+
+
+def test_bf16_model() -> None:
+    hf = other_model("qwen3").to(torch.bfloat16)
+    td = TransformersDecoder(hf)
+    ids = _ids(2, 9, 128)
+    logits, cache = td.prefill(ids)
+    assert td.dtype == cache.dtype == torch.bfloat16
+    with torch.no_grad():
+        want = hf(ids).logits.float()
+    assert (logits - want).abs().max() <= 2e-2 * (1 + want.abs().max())
