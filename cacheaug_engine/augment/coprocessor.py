@@ -9,6 +9,8 @@ last layer's normalised hidden states, times an optional latent scale, are the l
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any
@@ -26,6 +28,8 @@ from .lora import DEFAULT_TARGETS, LoRALinear, add_lora, shared_clone
 SCALE_MODES = ("none", "fixed", "learned")
 SOFT_INITS = ("stats", "tokens")
 LATENT_KINDS = ("coprocessor", "pause")
+# LoRA targets: the separate projections, plus the fused ones of some transformers models (Phi-3)
+LORA_TARGETS = (*DEFAULT_TARGETS, "qkv_proj", "gate_up_proj")
 
 
 @dataclass
@@ -50,6 +54,9 @@ class CoprocessorConfig:
             deviation from its mean latent (the batch mean in training, a running mean of it in
             eval), so the constant cannot pass for augmentation and the coprocessor's gradient
             comes only from what varies with the cache.
+        decoder: the identity of the decoder it was built on (:func:`decoder_identity`; filled in
+            by the Coprocessor); a coprocessor rebuilt on another decoder raises. None (configs
+            written before it was recorded): not checked.
     """
 
     num_latents: int = 8
@@ -61,6 +68,7 @@ class CoprocessorConfig:
     soft_init: str = "stats"
     latents: str = "coprocessor"
     center: bool = False
+    decoder: str | None = None
 
     def __post_init__(self) -> None:
         check_field_types(self)  # e.g. a hand-edited state.json: "2" or NaN never reaches the model
@@ -92,6 +100,22 @@ class CoprocessorConfig:
         if unknown:
             raise ValueError(f"unknown CoprocessorConfig keys: {', '.join(map(str, unknown))}")
         return cls(**d)
+
+
+_NOT_ARCHITECTURE = ("bos_token_id", "eos_token_id", "max_position_embeddings")
+
+
+def decoder_identity(decoder: DecoderLike) -> str:
+    """A decoder's identity for checkpoints: its own ``identity()`` when it has one (e.g.
+    "transformers:qwen3:<config hash>"), else "<class>:<arch>:<sha256 of its config's architecture
+    fields, 16 hex>" (token ids and the position limit left out)."""
+    own = getattr(decoder, "identity", None)
+    if callable(own):
+        return str(own())
+    cfg = decoder.cfg
+    d = {k: v for k, v in cfg.to_dict().items() if k not in _NOT_ARCHITECTURE}
+    digest = hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return f"{type(decoder).__name__.lower()}:{getattr(cfg, 'arch', '?')}:{digest}"
 
 
 def _embedding_weight(decoder: nn.Module) -> Tensor | None:
@@ -142,6 +166,13 @@ class Coprocessor(nn.Module):
             )
         if config is None:
             config = CoprocessorConfig(num_latents=num_latents, lora_rank=lora_rank, **settings)
+        ident = decoder_identity(decoder)
+        if config.decoder is not None and config.decoder != ident:
+            raise ValueError(
+                f"decoder: this coprocessor was built on decoder {config.decoder!r}, not on {ident!r} "
+                "(another architecture or configuration, or another decoder implementation)"
+            )
+        config.decoder = ident
         self.config = config
         gen = torch.Generator().manual_seed(seed)
         pause = config.latents == "pause"
@@ -155,7 +186,7 @@ class Coprocessor(nn.Module):
             state = torch.random.get_rng_state()
             torch.manual_seed(seed)
             try:
-                add_lora(model, config.lora_rank, config.lora_alpha, DEFAULT_TARGETS)
+                add_lora(model, config.lora_rank, config.lora_alpha, LORA_TARGETS)
             finally:
                 torch.random.set_rng_state(state)
         self.model: DecoderLike = model

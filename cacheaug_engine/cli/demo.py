@@ -128,7 +128,7 @@ def run(args: Any) -> int:
     print(f"cacheaug demo: device {dev}, out {out}")
     print("loading the decoder (SmolLM2-135M) and the text ..." if cfg.model == "default" else "loading ...")
     t = time.perf_counter()
-    decoder = load_model(cfg.model, dev)
+    decoder = load_model(cfg.model, dev, impl=cfg.decoder_impl)
     tok = load_tok(cfg.tokenizer, cfg.model)
     corpus = load_corpus(
         tok, cfg.seq_len, files=cfg.data or None, heldout_frac=cfg.heldout_frac, max_chars=cfg.max_chars

@@ -17,6 +17,8 @@ def add_parser(sub: Any) -> None:
     )
     e.add_argument("checkpoints", nargs="+", metavar="CKPT", help="checkpoint directories (several: a sweep)")
     e.add_argument("--model", help="decoder (default: the one the checkpoint was trained on)")
+    e.add_argument("--decoder-impl", choices=("auto", "native", "transformers"),
+                   help="decoder implementation for --model (default: as in training)")
     e.add_argument("--tokenizer", help="tokenizer path or 'bytes'")
     e.add_argument("--data", nargs="+", metavar="FILE", help="text / .jsonl files (default: as in training)")
     e.add_argument("--seq-len", type=int, help="sequence length (default: as in training)")
@@ -94,7 +96,7 @@ def run(args: Any) -> int:
             f"{corpus.num_docs[1]} held-out document(s) at heldout_frac {first.heldout_frac} and no held-out "
             f"sequence of {seq_len} tokens; expected at least one (pass --data with more text, or a shorter --seq-len)"
         )
-    decoder = load_model(model_spec, dev)
+    decoder = load_model(model_spec, dev, impl=args.decoder_impl or first.decoder_impl)
     print(f"held-out: {held.shape[0]} sequences of {seq_len} tokens")
     pause = coprocessor_from_checkpoint(decoder, pause_ck, device=dev, tokenizer=tok) if pause_ck is not None else None
     results = []

@@ -16,6 +16,8 @@ def add_parser(sub: Any) -> None:
     g.add_argument("--prompt", required=True, help="prompt text")
     g.add_argument("--checkpoint", metavar="CKPT", help="coprocessor checkpoint (default: the shipped one)")
     g.add_argument("--model", help="decoder (default: the checkpoint's)")
+    g.add_argument("--decoder-impl", choices=("auto", "native", "transformers"),
+                   help="decoder implementation for --model (default: as in training)")
     g.add_argument("--tokenizer", help="tokenizer path or 'bytes'")
     g.add_argument("--no-augment", action="store_true", help="the decoder alone")
     g.add_argument("--max-new-tokens", type=int, default=32)
@@ -69,7 +71,7 @@ def run(args: Any) -> int:
     if ck is not None and need_cop:
         coprocessor_config_of(ck)
     model_spec = args.model or tc.model
-    decoder = load_model(model_spec, dev)
+    decoder = load_model(model_spec, dev, impl=args.decoder_impl or tc.decoder_impl)
     tok = load_tok(args.tokenizer or tc.tokenizer, model_spec)
     ids = encode(tok, args.prompt)
     if not ids:

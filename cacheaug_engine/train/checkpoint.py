@@ -6,8 +6,8 @@ Layout of a checkpoint directory::
     optimizer.safetensors     optimizer tensors ("<param index>.<key>") and RNG states ("rng.<name>")
     state.json                coprocessor config, train config, step, schedule, optimizer
                               hyper-parameters and scalars, data position, metrics, and what the
-                              coprocessor was trained for: ``decoder_identity`` (architecture +
-                              config hash) and ``tokenizer_fingerprint`` (placement and N_L are in
+                              coprocessor was trained for: ``decoder_identity`` (implementation,
+                              architecture, config hash) and ``tokenizer_fingerprint`` (placement and N_L are in
                               the coprocessor config); :func:`check_compatible` refuses a mismatch
 
 Atomicity: everything is written to a temporary sibling directory ``.<name>.tmp-<pid>``,
@@ -20,7 +20,6 @@ next save.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -32,7 +31,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from cacheaug_engine.augment.coprocessor import Coprocessor, CoprocessorConfig
+from cacheaug_engine.augment.coprocessor import Coprocessor, CoprocessorConfig, decoder_identity
 from cacheaug_engine.data.text import tokenizer_fingerprint
 from cacheaug_engine.fileio import fsync_dir, fsync_file, write_text_synced
 from cacheaug_engine.models.weight_checks import count_nonfinite
@@ -362,26 +361,6 @@ def export_coprocessor(
     return out
 
 
-# config fields that do not change what a decoder computes (the same model read from a GGUF file
-# and from a HF directory may differ in them)
-IDENTITY_IGNORES = frozenset({"bos_token_id", "eos_token_id", "max_position_embeddings"})
-
-
-def decoder_identity(decoder: Any) -> dict[str, Any]:
-    """What identifies a frozen decoder in a checkpoint: ``arch`` and ``config_sha256`` (a hash of its
-    config without IDENTITY_IGNORES). A decoder with its own ``identity()`` (e.g. a wrapped
-    transformers model) gives that."""
-    own = getattr(decoder, "identity", None)
-    if callable(own):
-        return dict(own())
-    cfg = decoder.cfg
-    body = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(vars(cfg))
-    body = {k: v for k, v in body.items() if k not in IDENTITY_IGNORES}
-    text = json.dumps(body, sort_keys=True, default=str)
-    arch = getattr(cfg, "arch", type(decoder).__name__)
-    return {"arch": arch, "config_sha256": hashlib.sha256(text.encode()).hexdigest()}
-
-
 def trained_for(decoder: Any, tokenizer: Any = None) -> dict[str, Any]:
     """The state.json fields that record what a coprocessor was trained for (besides its config's
     placement and N_L): ``decoder_identity`` and, when known, ``tokenizer_fingerprint``."""
@@ -389,10 +368,6 @@ def trained_for(decoder: Any, tokenizer: Any = None) -> dict[str, Any]:
     if tokenizer is not None:
         out["tokenizer_fingerprint"] = tokenizer_fingerprint(tokenizer)
     return out
-
-
-def _short(identity: dict[str, Any]) -> str:
-    return f"{identity.get('arch')} (config sha256 {str(identity.get('config_sha256'))[:12]})"
 
 
 # coprocessor settings a checkpoint's tensors are only meaningful under (the rest is initialisation)
@@ -404,9 +379,10 @@ def check_compatible(
 ) -> None:
     """Refuse to use ``ckpt`` with what it was not trained for; CheckpointError naming its state.json,
     the setting and both values. Checks what is given: ``coprocessor_config`` (a CoprocessorConfig or
-    dict: placement, N_L, latent kind, LoRA rank, centring), ``decoder`` (architecture and config
-    hash, against ``decoder_identity``) and ``tokenizer`` (fingerprint). A checkpoint that predates a
-    field (no ``decoder_identity`` / ``tokenizer_fingerprint`` recorded) is not checked on it."""
+    dict: placement, N_L, latent kind, LoRA rank, centring), ``decoder`` (implementation,
+    architecture and config hash: ``augment.coprocessor.decoder_identity``) and ``tokenizer``
+    (fingerprint). A checkpoint that predates a field (no ``decoder_identity`` /
+    ``tokenizer_fingerprint`` recorded) is not checked on it."""
     where = ckpt.path / STATE_FILE
     if coprocessor_config is not None:
         want = coprocessor_config.to_dict() if hasattr(coprocessor_config, "to_dict") else dict(coprocessor_config)
@@ -419,13 +395,12 @@ def check_compatible(
                     "checkpoint's config)"
                 )
     saved = ckpt.state.get("decoder_identity")
-    if decoder is not None and isinstance(saved, dict):
+    if decoder is not None and isinstance(saved, str):
         now = decoder_identity(decoder)
-        diff = [k for k in ("arch", "config_sha256") if k in saved and k in now and saved[k] != now[k]]
-        if diff:
+        if now != saved:
             raise CheckpointError(
-                f"{where}: trained on decoder {_short(saved)}, but this decoder is {_short(now)}; pass the "
-                f"model it was trained on (--model {ckpt.state.get('decoder', '?')})"
+                f"{where}: trained on decoder {saved}, but this decoder is {now}; pass the model (and "
+                f"--decoder-impl) it was trained on (--model {ckpt.state.get('decoder', '?')})"
             )
     fp = ckpt.state.get("tokenizer_fingerprint")
     if tokenizer is not None and isinstance(fp, str):

@@ -40,6 +40,10 @@ class TrainConfig:
     """All settings of a training run (also the JSON accepted by ``--config``; one flag per field)."""
 
     model: str = setting("default", '"default" (SmolLM2-135M), a HF dir or .gguf, or "random:<config.json>"')
+    decoder_impl: str = setting(
+        "auto", "decoder for --model: native, transformers (any HF causal LM dir) or auto (native if it can)",
+        choices=("auto", "native", "transformers"),
+    )
     tokenizer: str | None = setting(None, 'tokenizer path or "bytes" (default: the model\'s own)')
     data: list[str] = setting(help="text or .jsonl files (default: Python's docs)", metavar="FILE", factory=list)
     seq_len: int = setting(128, "tokens per packed sequence")

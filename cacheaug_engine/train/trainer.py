@@ -152,7 +152,7 @@ class Trainer:
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         self.device = ctx.device if ctx else pick_device(cfg.device)
-        self.decoder = decoder if decoder is not None else load_model(cfg.model, self.device)
+        self.decoder = decoder if decoder is not None else load_model(cfg.model, self.device, impl=cfg.decoder_impl)
         if cfg.precision == "bf16-weights":  # frozen weights in bf16; trainable tensors stay fp32 (below)
             self.decoder.to(torch.bfloat16)
         if corpus is None:

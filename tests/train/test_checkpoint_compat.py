@@ -12,7 +12,7 @@ import pytest
 import torch
 from reliability_setup import run_cli, write_tiny_setup
 
-from cacheaug_engine.augment.coprocessor import CoprocessorConfig
+from cacheaug_engine.augment.coprocessor import CoprocessorConfig, decoder_identity
 from cacheaug_engine.data.corpus import SequenceLoader
 from cacheaug_engine.data.text import ByteTokenizer, tokenizer_fingerprint
 from cacheaug_engine.models.loaders import load_model
@@ -20,7 +20,6 @@ from cacheaug_engine.train.checkpoint import (
     CheckpointError,
     check_compatible,
     coprocessor_from_checkpoint,
-    decoder_identity,
     load_checkpoint,
     save_checkpoint,
 )
@@ -63,7 +62,8 @@ def test_checkpoint_records_what_it_was_trained_for(run):
     _, ck, dec = run
     st = load_checkpoint(ck).state
     assert st["decoder_identity"] == decoder_identity(dec)
-    assert st["decoder_identity"]["arch"] == "llama" and len(st["decoder_identity"]["config_sha256"]) == 64
+    kind, arch, digest = st["decoder_identity"].split(":")
+    assert (kind, arch, len(digest)) == ("decoder", "llama", 16), st["decoder_identity"]
     assert st["tokenizer_fingerprint"] == tokenizer_fingerprint(ByteTokenizer())
     assert st["coprocessor"]["placement"] == "paper" and st["coprocessor"]["num_latents"] == 2
     check_compatible(load_checkpoint(ck), dec, ByteTokenizer(), CoprocessorConfig(num_latents=2, lora_rank=2))
@@ -97,9 +97,9 @@ def test_other_decoder_is_refused_with_both_identities(run, tmp_path):
     with pytest.raises(CheckpointError) as info:
         coprocessor_from_checkpoint(other, load_checkpoint(ck))
     msg = str(info.value)
-    have, now = decoder_identity(dec)["config_sha256"][:12], decoder_identity(other)["config_sha256"][:12]
-    assert f"trained on decoder llama (config sha256 {have})" in msg, msg
-    assert f"this decoder is llama (config sha256 {now})" in msg, msg
+    have, now = decoder_identity(dec), decoder_identity(other)
+    assert have != now and have.startswith("decoder:llama:") and now.startswith("decoder:llama:")
+    assert f"trained on decoder {have}, but this decoder is {now}" in msg, msg
 
 
 def test_other_tokenizer_is_refused_with_both_fingerprints(run):
