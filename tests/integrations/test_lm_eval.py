@@ -252,28 +252,63 @@ def test_bad_model_args_fail_before_loading(env):
             lm(env, **kw)
 
 
+def tiny_tasks(d):
+    """Two local task YAMLs (multiple choice, generation) over 4 addition documents in ``d``."""
+    docs = [{"q": f"{a}+{b}=", "a": str(a + b), "choices": [str(a + b), str(a + b + 1)], "gold": 0}
+            for a, b in [(1, 2), (3, 4), (5, 6), (7, 1)]]
+    data = d / "docs.jsonl"
+    data.write_text("".join(json.dumps(doc) + "\n" for doc in docs))
+    common = f"dataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data}\ntest_split: test\n"
+    (d / "tiny_mc.yaml").write_text(
+        "task: tiny_mc\n" + common + "output_type: multiple_choice\ndoc_to_text: '{{q}}'\n"
+        "doc_to_choice: '{{choices}}'\ndoc_to_target: gold\nmetric_list:\n  - metric: acc\n")
+    (d / "tiny_gen.yaml").write_text(
+        "task: tiny_gen\n" + common + "output_type: generate_until\ndoc_to_text: '{{q}}'\ndoc_to_target: a\n"
+        "generation_kwargs:\n  until: ['\\n']\n  max_gen_toks: 4\n  do_sample: false\n"
+        "metric_list:\n  - metric: exact_match\n")
+    return d
+
+
 def test_simple_evaluate_runs_the_registered_model(env, tmp_path):
     import lm_eval
     from lm_eval.tasks import TaskManager
 
     spec, _, ckpts = env
-    docs = [{"q": f"{a}+{b}=", "a": str(a + b), "choices": [str(a + b), str(a + b + 1)], "gold": 0}
-            for a, b in [(1, 2), (3, 4), (5, 6), (7, 1)]]
-    data = tmp_path / "docs.jsonl"
-    data.write_text("".join(json.dumps(d) + "\n" for d in docs))
-    common = f"dataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data}\ntest_split: test\n"
-    (tmp_path / "tiny_mc.yaml").write_text(
-        "task: tiny_mc\n" + common + "output_type: multiple_choice\ndoc_to_text: '{{q}}'\n"
-        "doc_to_choice: '{{choices}}'\ndoc_to_target: gold\nmetric_list:\n  - metric: acc\n")
-    (tmp_path / "tiny_gen.yaml").write_text(
-        "task: tiny_gen\n" + common + "output_type: generate_until\ndoc_to_text: '{{q}}'\ndoc_to_target: a\n"
-        "generation_kwargs:\n  until: ['\\n']\n  max_gen_toks: 4\n  do_sample: false\n"
-        "metric_list:\n  - metric: exact_match\n")
     out = lm_eval.simple_evaluate(
         model="cacheaug", model_args=f"pretrained={spec},augment=coprocessor,coprocessor={ckpts['paper']},device=cpu",
-        tasks=["tiny_mc", "tiny_gen"], task_manager=TaskManager(include_path=str(tmp_path)), limit=3,
+        tasks=["tiny_mc", "tiny_gen"], task_manager=TaskManager(include_path=str(tiny_tasks(tmp_path))), limit=3,
         log_samples=True, bootstrap_iters=0,
     )
     assert set(out["results"]) == {"tiny_mc", "tiny_gen"}
     assert len(out["samples"]["tiny_mc"]) == 3 and "acc" in out["samples"]["tiny_mc"][0]
     assert 0.0 <= out["results"]["tiny_mc"]["acc,none"] <= 1.0
+
+
+def test_cli_runs_every_method_and_pairs_them(env, tmp_path, capsys):
+    from cacheaug_engine.cli.main import main
+
+    spec, _, ckpts = env
+    out = tmp_path / "out"
+    argv = ["lm-eval", "--tasks", "tiny_mc,tiny_gen", "--include-path", str(tiny_tasks(tmp_path)),
+            "--model-args", f"pretrained={spec}", "--coprocessor", str(ckpts["paper"]), "--pause", str(ckpts["pause"]),
+            "--limit", "4", "--device", "cpu", "--out", str(out)]
+    assert main(argv) == 0
+    report = json.loads((out / "lm_eval.json").read_text())
+    assert (out / "lm_eval.png").is_file()
+    assert report["methods"] == ["none", "coprocessor", "pause", "shuffled", "mean"]
+    rows = {(r["task"], r["metric"]): r for r in report["rows"]}
+    assert set(rows) == {("tiny_mc", "acc"), ("tiny_gen", "exact_match")}
+    for r in rows.values():
+        assert set(r["diffs"]) == {"none", "pause", "shuffled", "mean"} and r["docs"] == 4
+        for m, d in r["diffs"].items():  # the paired mean difference is the difference of the scores
+            assert d["diff"] == pytest.approx(r["scores"]["coprocessor"] - r["scores"][m], abs=1e-9)
+            assert d["lo"] <= d["diff"] <= d["hi"] and d["method"] == "exact"
+    assert set(report["seconds"]["mean"]) == {"tiny_mc", "tiny_gen"}
+    assert list((out / "lm_eval" / "none").rglob("samples_tiny_mc_*.jsonl"))  # lm-eval's own files are kept
+    assert "coprocessor-none" in capsys.readouterr().out.replace("copro-none", "coprocessor-none")
+    # bad input: one line, exit code 2, before any model load
+    assert main(["lm-eval", "--tasks", "no_such_task", "--model-args", f"pretrained={spec}", "--methods", "none",
+                 "--out", str(out)]) == 2
+    assert "unknown task" in capsys.readouterr().err
+    assert main(["lm-eval", "--tasks", "tiny_mc", "--methods", "none,magic", "--out", str(out)]) == 2
+    assert main(["lm-eval", "--tasks", "tiny_mc", "--model-args", "augment=pause", "--out", str(out)]) == 2
