@@ -27,6 +27,8 @@ def add_parser(sub: Any) -> None:
                                    "over documents. The shipped offline tasks (cacheaug_*) are always on the path.")
     p.add_argument("--tasks", required=True, help="comma-separated task (or tag) names, e.g. cacheaug_arith3_ll")
     p.add_argument("--include-path", action="append", default=[], metavar="DIR", help="more task YAMLs (repeatable)")
+    p.add_argument("--lm-eval-tasks", action="store_true",
+                   help="also index lm-eval's built-in tasks (slow to index; most need a dataset download)")
     p.add_argument("--model-args", default="", help="extra model_args for every method, e.g. pretrained=DIR,dtype=bf16")
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {','.join(METHODS)}")
     p.add_argument("--coprocessor", metavar="CKPT", help="coprocessor checkpoint (default: the shipped one)")
@@ -107,11 +109,12 @@ def run(args: Any) -> int:
     out = probe_writable_dir(args.out, "--out")
     from lm_eval.tasks import TaskManager
 
-    tm = TaskManager(include_path=[str(TASK_DIR), *args.include_path])
+    tm = TaskManager(include_path=[str(TASK_DIR), *args.include_path], include_defaults=args.lm_eval_tasks)
     unknown = [t for t in tasks if t not in tm.all_tasks]
     if unknown:
         raise UsageError(f"--tasks: unknown task(s) {', '.join(unknown)} (shipped: "
-                         f"{', '.join(t for t in tm.all_tasks if t.startswith('cacheaug'))}; more with --include-path)")
+                         f"{', '.join(t for t in tm.all_tasks if t.startswith('cacheaug'))}; more with --include-path "
+                         "or --lm-eval-tasks)")
     return _evaluate(args, tasks, methods, ckpts, extra, limit, tm, out)
 
 
@@ -127,6 +130,7 @@ def _evaluate(args: Any, tasks: list[str], methods: list[str], ckpts: dict[str, 
     base = None
     runs: dict[str, Any] = {}
     seconds: dict[str, dict[str, float]] = {}
+    model_seconds: dict[str, dict[str, float]] = {}
     for method in methods:
         kw: dict[str, Any] = dict(extra, augment=method, batch_size=args.batch_size, device=args.device)
         if method == "pause":
@@ -137,28 +141,31 @@ def _evaluate(args: Any, tasks: list[str], methods: list[str], ckpts: dict[str, 
             kw.update(pretrained=base.model.decoder, tokenizer=base.tok)
         lm = CacheAugLM(**kw)
         base = base or lm
-        runs[method], seconds[method] = {}, {}
+        runs[method], seconds[method], model_seconds[method] = {}, {}, {}
         tracker = EvaluationTracker(output_path=str(out / "lm_eval" / method))
         for task in tasks:
             print(f"[{method}] {task} ...", flush=True)
-            t0 = time.perf_counter()
+            t0, m0 = time.perf_counter(), lm.seconds
             res = lm_eval.simple_evaluate(model=lm, tasks=[task], task_manager=tm, limit=limit,
                                           num_fewshot=args.num_fewshot, log_samples=True, bootstrap_iters=1000,
                                           evaluation_tracker=tracker)
             seconds[method][task] = time.perf_counter() - t0
+            model_seconds[method][task] = lm.seconds - m0
             assert res is not None
             samples = res.pop("samples")
             tracker.save_results_aggregated(results=res, samples=samples)
             for name in res["configs"]:
                 tracker.save_results_samples(task_name=name, samples=samples[name])
             runs[method].update(per_document_scores(res["results"], samples))
-            print(f"[{method}] {task}: {seconds[method][task]:.1f}s", flush=True)
+            print(f"[{method}] {task}: {seconds[method][task]:.1f}s ({model_seconds[method][task]:.1f}s in the model)",
+                  flush=True)
     rows = paired_rows(runs, "coprocessor", seed=args.seed)
     print(format_rows(rows, methods))
-    print("wall time per task (s): " + "; ".join(
-        f"{t}: " + ", ".join(f"{m} {seconds[m][t]:.0f}" for m in methods) for t in tasks))
+    print("wall time per task, s (in the model): " + "; ".join(
+        f"{t}: " + ", ".join(f"{m} {seconds[m][t]:.0f} ({model_seconds[m][t]:.0f})" for m in methods) for t in tasks))
     png = plot_rows(rows, out / "lm_eval.png")
     write_json({"tasks": tasks, "methods": methods, "checkpoints": ckpts, "model_args": args.model_args,
-                "limit": limit, "rows": rows, "seconds": seconds}, out / "lm_eval.json")
+                "limit": limit, "rows": rows, "seconds": seconds,
+                "model_seconds": model_seconds}, out / "lm_eval.json")
     print(f"wrote {out / 'lm_eval.json'}, {png} and lm-eval's files under {out / 'lm_eval'}")
     return 0

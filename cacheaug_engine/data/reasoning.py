@@ -97,9 +97,10 @@ def gsm_symbolic_docs(split: str, n: int, seed: int = 0) -> list[dict[str, Any]]
         t = templates[i % len(templates)]
         rng = random.Random(f"gsm/{split}/{seed}/{i}")
         ex = gens[t](rng, 1.0)
-        meta = ex["metadata"]
-        doc = {"id": i, "template": t, "question": ex["question"], "answer": _fmt(_number(str(ex["answer"]))),
-               "solution": meta["answer_cot"]}
+        answer = _fmt(_number(str(ex["answer"])))
+        steps = ex["metadata"]["answer_cot"].rstrip().rsplit("####", 1)[0].rstrip()
+        doc = {"id": i, "template": t, "question": ex["question"], "answer": answer,
+               "solution": f"{steps}\n#### {answer}"}  # one spelling of the answer (e.g. "20", never "20.0")
         docs.append(_with_choices(doc, rng))
     return docs
 

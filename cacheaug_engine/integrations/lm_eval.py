@@ -29,6 +29,7 @@ augmented prompt cache, and all of its continuations are scored in one batched p
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -121,6 +122,7 @@ class CacheAugLM(TemplateLM):
             latents = _load_latents(coprocessor, decoder, dev, "coprocessor")
         self.model = AugmentedLM(decoder, augment, latents, autocast_dtype=DTYPES[str(dtype)])
         self.tok = tok
+        self.seconds = 0.0  # wall time spent in the request methods (model work, no lm-eval overhead)
         self._device = dev
         self._max_length = int(max_length or decoder.cfg.max_position_embeddings)
         if self._max_length <= self.model.tail + 1:
@@ -186,6 +188,7 @@ class CacheAugLM(TemplateLM):
                               **kwargs: Any) -> list[tuple[float, bool]]:
         """(sum of log-probs, greedy?) per request; requests with the same context share one augmented
         prompt cache, and each batch of contexts is scored in one pass."""
+        t0 = time.perf_counter()
         items = [(req, self._truncate(list(ctx), list(cont)), list(cont)) for req, ctx, cont in requests]
         members: dict[tuple[int, ...], list[int]] = {}
         for i, (_, ctx, _) in enumerate(items):
@@ -206,6 +209,7 @@ class CacheAugLM(TemplateLM):
                     if items[j][0] is not None:
                         self.cache_hook.add_partial("loglikelihood", items[j][0], r)
         assert all(r is not None for r in out)
+        self.seconds += time.perf_counter() - t0
         return [r for r in out if r is not None]
 
     def loglikelihood_rolling(self, requests: list[Any], disable_tqdm: bool = False) -> list[float]:
@@ -229,6 +233,7 @@ class CacheAugLM(TemplateLM):
     # -- generation ---------------------------------------------------------------------------------
     def generate_until(self, requests: list[Any], disable_tqdm: bool = False) -> list[str]:
         """Batched generation (greedy unless do_sample) with per-request stop strings and max_gen_toks."""
+        t0 = time.perf_counter()
         args = [req.args for req in requests]
         coll = Collator(args, sort_fn=lambda x: (-len(self.tok_encode(x[0])), x[0]), group_fn=lambda x: x[1],
                         group_by="gen_kwargs")
@@ -264,4 +269,5 @@ class CacheAugLM(TemplateLM):
             for c, g in batch:
                 res.append(texts[c])
                 self.cache_hook.add_partial("generate_until", (c, g), texts[c])
+        self.seconds += time.perf_counter() - t0
         return coll.get_original(res)
