@@ -59,6 +59,7 @@ def run(args: argparse.Namespace) -> int:
     from cacheaug_engine.checks import check_int, check_output_file
     from cacheaug_engine.data.reasoning import DEFAULT_DOCS
     from cacheaug_engine.data.tasks import write_task
+    from cacheaug_engine.fileio import atomic_write
 
     docs = args.docs if args.docs is not None else (2000 if args.task in TASKS else DEFAULT_DOCS[args.split])
     check_int(docs, "--docs", 1)
@@ -72,9 +73,7 @@ def run(args: argparse.Namespace) -> int:
     out = check_output_file(args.out, "--out")
     records = reasoning_records(args.task, args.split, docs, digits=args.digits, per_doc=args.per_doc,
                                 seed=args.seed, as_text=args.as_text)
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    with open(out, "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(r) + "\n" for r in records)
+    atomic_write(out, lambda tmp: Path(tmp).write_text("".join(json.dumps(r) + "\n" for r in records), "utf-8"))
     kind = "training texts" if args.as_text else "documents"
     print(f"wrote {len(records)} {args.task} {kind} ({args.split} split) to {out}")
     return 0
