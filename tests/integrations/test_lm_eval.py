@@ -239,6 +239,13 @@ def test_generate_until_stops_where_it_should(env):
     assert got[:3] == [t.split(s)[0] for t, s in zip(full, stops, strict=True)]
     assert got[3] == m.tok_decode(m.tok_encode(full[0])[:3])
     assert m.model.counts.decode_steps - steps0 < 2 * 11  # the stop-string rows ended early
+    # augment=none generates what the library's one generation path generates for the bare decoder
+    from cacheaug_engine.generation import generate
+
+    plain = lm(env, augment="none", batch_size=3, tokenizer=CharTokenizer())
+    want = generate(plain.model.decoder, [plain.tok_encode(c) for c in ctxs], max_new_tokens=12).tokens
+    assert plain.generate_until([gen_req(c, until=[], max_gen_toks=12) for c in ctxs]) == [
+        plain.tok_decode(t) for t in want]
 
 
 def test_bad_model_args_fail_before_loading(env):
