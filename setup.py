@@ -95,7 +95,7 @@ setup(
         "cacheaug_engine.triton_kernels": "triton_kernels",
         "cacheaug_engine.bench": "bench",
     },
-    package_data={"cacheaug_engine": ["assets/*", "assets/**/*"]},
+    package_data={"cacheaug_engine": ["assets/*", "assets/**/*", "integrations/lm_eval_tasks/*"]},
     ext_modules=ext_modules,
     cmdclass={"build_ext": CMakeBuild},
     zip_safe=False,
