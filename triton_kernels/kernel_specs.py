@@ -195,7 +195,7 @@ def _partial_args(spec: dict, meta: dict):
     lens = _t((b,), torch.int32)
     po, pl = _t((b, hkv * g, ns, dh), torch.float32), _t((b, hkv * g, ns), torch.float32)
     kst = [0, *k.stride()[-3:]] if shared else list(k.stride())
-    args = [q, k, k, lens, po, pl, *q.stride(), *kst, *kst, *po.stride(), *pl.stride(),
+    args = [q, k, k, lens, po, pl, *q.stride(), *kst, *kst, *po.stride(), *pl.stride(), *lens.stride(),
             b, hkv, tmax, 256, 0, 0 if spec["mode"] == "decode" else tmax,
             tmax if spec["mode"] == "cascade_suffix" else 0,
             4096, dh ** -0.5, 50.0]

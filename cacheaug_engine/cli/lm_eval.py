@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-METHODS = ("none", "coprocessor", "pause", "shuffled", "mean")  # = integrations.augmented_lm.METHODS
+METHODS = ("none", "coprocessor", "pause", "shuffled", "mean")  # = generation.augmented_lm.METHODS
 RESERVED = ("augment", "coprocessor", "pause", "batch_size", "device")
 TASK_DIR = Path(__file__).resolve().parent.parent / "integrations" / "lm_eval_tasks"
 

@@ -14,11 +14,23 @@ import warnings
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
-from cacheaug_engine.cli import bench, demo, evaluate, export, generate, info, kernels, lm_eval, tasks, train
+from cacheaug_engine.cli import (
+    bench,
+    demo,
+    evaluate,
+    export,
+    generate,
+    info,
+    kernels,
+    lm_eval,
+    task_eval,
+    tasks,
+    train,
+)
 from cacheaug_engine.cli.args import UsageError
 
 # --help lists them in this order
-COMMANDS = (demo, train, evaluate, generate, export, info, bench, kernels, tasks, lm_eval)
+COMMANDS = (demo, train, evaluate, task_eval, generate, export, info, bench, kernels, tasks, lm_eval)
 
 
 class _Parser(argparse.ArgumentParser):

@@ -27,7 +27,10 @@ from torch import Tensor
 from cacheaug_engine.data.text import encode, eos_id, tokenizer_fingerprint
 from cacheaug_engine.fileio import atomic_write
 
-Document = tuple[str, str]  # (id, text)
+# (id, text); a file's documents are "<file name>:<index>": the held-out split (a hash of the id)
+# stays the same wherever the file is copied, so a run's held-out documents are never trained on
+# by a run of the same file at another path
+Document = tuple[str, str]
 _SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__", "turtledemo"}
 
 
@@ -71,10 +74,10 @@ def _paragraph_docs(path: Path, text: str, target_chars: int = 2000) -> list[Doc
         buf.append(para)
         size += len(para) + 2
         if size >= target_chars:
-            out.append((f"{path}:{len(out)}", "\n\n".join(buf)))
+            out.append((f"{path.name}:{len(out)}", "\n\n".join(buf)))
             buf, size = [], 0
     if any(p.strip() for p in buf):
-        out.append((f"{path}:{len(out)}", "\n\n".join(buf)))
+        out.append((f"{path.name}:{len(out)}", "\n\n".join(buf)))
     return out
 
 
@@ -101,7 +104,7 @@ def read_documents(paths: Iterable[str | os.PathLike]) -> list[Document]:
                         raise ValueError(f"{path}:{i}: invalid JSON ({e.msg})") from None
                     if not isinstance(rec, dict) or not isinstance(rec.get("text"), str):
                         raise ValueError(f'{path}:{i}: expected an object with a string "text" field')
-                    docs.append((f"{path}:{i}", rec["text"]))
+                    docs.append((f"{path.name}:{i}", rec["text"]))
         else:
             docs.extend(_paragraph_docs(path, path.read_text(encoding="utf-8", errors="replace")))
     if not docs:

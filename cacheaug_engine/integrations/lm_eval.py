@@ -13,7 +13,7 @@ model_args:
     pretrained: the decoder: "default" (SmolLM2-135M), a HF model dir, a .gguf file, or
         "random:<config.json>" (tests); a ``models.Decoder`` object when built in Python.
     tokenizer: a tokenizer path or "bytes" (default: the model's own).
-    augment: none | coprocessor | pause | shuffled | mean (``integrations.augmented_lm.METHODS``).
+    augment: none | coprocessor | pause | shuffled | mean (``generation.augmented_lm.METHODS``).
     coprocessor: a coprocessor checkpoint dir (coprocessor, shuffled, mean).
     pause: a pause-table checkpoint dir (augment=pause).
     batch_size: distinct contexts per batch (int; "auto" is not supported).
@@ -40,7 +40,7 @@ from lm_eval.models.utils import Collator, handle_stop_sequences, normalize_gen_
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
-from cacheaug_engine.integrations.augmented_lm import METHODS, AugmentedLM
+from cacheaug_engine.generation.augmented_lm import METHODS, AugmentedLM
 
 DTYPES = {"float32": None, "fp32": None, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}

@@ -132,8 +132,8 @@ def test_eval_on_another_decoder_names_both(env, tmp_path, capsys):
     other = tmp_path / "other.json"
     other.write_text(json.dumps(cfg))
     code, err = run_cli(["eval", str(ck), "--model", f"random:{other}", "--out", str(tmp_path / "e")], capsys)
-    assert_one_error(code, err, str(ck / "state.json"), "trained on decoder llama (config sha256",
-                     "but this decoder is llama (config sha256", f"--model random:{d / 'tiny.json'}")
+    assert_one_error(code, err, str(ck / "state.json"), "trained on decoder decoder:llama:",
+                     "but this decoder is decoder:llama:", f"--model random:{d / 'tiny.json'}")
 
 
 def test_eval_refuses_a_nan_checkpoint_before_the_model_loads(env, tmp_path, capsys, monkeypatch):

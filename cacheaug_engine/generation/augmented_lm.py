@@ -212,8 +212,9 @@ class AugmentedLM:
 
     # -- scoring ------------------------------------------------------------------------------------
     @torch.no_grad()
-    def score(self, rows: list[list[int]], continuations: list[list[list[int]]]) -> list[list[tuple[float, bool]]]:
-        """(sum of log-probs, greedy?) of each continuation of each context.
+    def token_logprobs(self, rows: list[list[int]], continuations: list[list[list[int]]]) -> list[list[Tensor]]:
+        """Log-probs [L] (float32, CPU) of each token of each continuation of each context, and whether
+        each token is the argmax, as a [2, L] tensor (row 0: log-prob, row 1: 1.0 where greedy).
 
         ``continuations[b]`` lists the continuations (each >= 1 token) of context ``rows[b]``; all of
         them are scored in one ``forward_blocks`` pass over the contexts' augmented prompt caches.
@@ -241,7 +242,7 @@ class AugmentedLM:
                 emb = dec.embed(ids.to(dev))
                 hidden = dec.forward_blocks(emb, positions, pc.cache, prefix, s, output="hidden")
             self.counts.score_passes += 1
-        out: list[list[tuple[float, bool]]] = []
+        out: list[list[Tensor]] = []
         for i, cs in enumerate(continuations):
             res = []
             for k, c in enumerate(cs):
@@ -254,10 +255,17 @@ class AugmentedLM:
                     lp.append(torch.log_softmax(lg.float(), -1))
                 logp = torch.cat(lp)  # [L, V]
                 tok = logp.gather(1, tgt.view(-1, 1))[:, 0]
-                greedy = bool((logp.argmax(-1) == tgt).all())
-                res.append((float(tok.double().sum()), greedy))
+                greedy = (logp.argmax(-1) == tgt).float()
+                res.append(torch.stack([tok, greedy]).cpu())
             out.append(res)
         return out
+
+    def score(self, rows: list[list[int]], continuations: list[list[list[int]]]) -> list[list[tuple[float, bool]]]:
+        """(sum of log-probs, greedy?) of each continuation of each context (see :meth:`token_logprobs`)."""
+        return [
+            [(float(t[0].double().sum()), bool(t[1].all())) for t in per_context]
+            for per_context in self.token_logprobs(rows, continuations)
+        ]
 
     # -- generation ---------------------------------------------------------------------------------
     @torch.no_grad()
