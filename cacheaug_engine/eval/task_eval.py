@@ -68,10 +68,13 @@ def score_method(
     for i in tqdm(range(0, len(items), batch_size), desc=desc or lm.method, unit="batch", leave=False):
         chunk = items[i : i + batch_size]
         rows = [c for c, _ in chunk]
-        lps = lm.token_logprobs(rows, [[a] for _, a in chunk])
-        ce.extend([(-t[0][0]).tolist() for t in lps])
         longest = max(len(a) for _, a in chunk)
-        gen = lm.generate(rows, max_new_tokens=longest + 2,
+        # one augmented prompt cache per problem serves both: scoring reads it, decoding then writes after it
+        # (and the shuffled control's donor advances once per batch)
+        pc = lm.prompt_caches(rows, room=longest + 2)
+        lps = lm.token_logprobs(rows, [[a] for _, a in chunk], caches=pc)
+        ce.extend([(-t[0][0]).tolist() for t in lps])
+        gen = lm.generate(rows, max_new_tokens=longest + 2, caches=pc,
                           stop=lambda _b, toks: "\n" in decode(tokenizer, toks))
         for j, toks in enumerate(gen):
             said.append(_answer_text(tokenizer, toks))

@@ -212,12 +212,15 @@ class AugmentedLM:
 
     # -- scoring ------------------------------------------------------------------------------------
     @torch.no_grad()
-    def token_logprobs(self, rows: list[list[int]], continuations: list[list[list[int]]]) -> list[list[Tensor]]:
+    def token_logprobs(self, rows: list[list[int]], continuations: list[list[list[int]]],
+                       caches: PromptCaches | None = None) -> list[list[Tensor]]:
         """Log-probs [L] (float32, CPU) of each token of each continuation of each context, and whether
         each token is the argmax, as a [2, L] tensor (row 0: log-prob, row 1: 1.0 where greedy).
 
         ``continuations[b]`` lists the continuations (each >= 1 token) of context ``rows[b]``; all of
-        them are scored in one ``forward_blocks`` pass over the contexts' augmented prompt caches.
+        them are scored in one ``forward_blocks`` pass over the contexts' augmented prompt caches
+        (``caches``: from :meth:`prompt_caches` of the same rows, which scoring leaves unchanged, so
+        a later :meth:`generate` can decode from them; default: built here).
         """
         if len(continuations) != len(rows) or any(not cs for cs in continuations):
             raise ValueError("continuations: expected a non-empty list of continuations per context")
@@ -225,7 +228,7 @@ class AugmentedLM:
             raise ValueError("continuations: every continuation needs >= 1 token")
         dec = self.decoder
         dev = dec.device
-        pc = self.prompt_caches(rows, room=0)
+        pc = self.prompt_caches(rows, room=0) if caches is None else caches
         first = torch.log_softmax(pc.next_logits.float(), -1)  # [B, V]
         b, n = len(rows), max(len(cs) for cs in continuations)
         s = max(len(c) for cs in continuations for c in cs) - 1
@@ -271,14 +274,19 @@ class AugmentedLM:
     @torch.no_grad()
     def generate(
         self, rows: list[list[int]], *, max_new_tokens: int, stop: Callable[[int, list[int]], bool],
-        eos_id: int | None = None, temperature: float = 0.0, seed: int = 0,
+        eos_id: int | None = None, temperature: float = 0.0, seed: int = 0, caches: PromptCaches | None = None,
     ) -> list[list[int]]:
         """New tokens for each context (greedy at temperature 0), at most ``max_new_tokens``; row b stops
-        after eos_id or once ``stop(b, tokens_so_far)`` is true (e.g. a stop string in the decoded text)."""
+        after eos_id or once ``stop(b, tokens_so_far)`` is true (e.g. a stop string in the decoded text).
+        ``caches``: the rows' prompt caches from :meth:`prompt_caches` with room >= ``max_new_tokens``
+        (decoding writes into them); default: built here."""
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens: expected an int >= 1, got {max_new_tokens!r}")
         dec = self.decoder
-        pc = self.prompt_caches(rows, room=max_new_tokens)
+        if caches is not None and caches.cache.capacity - max(caches.lens) < max_new_tokens - 1:
+            raise ValueError(f"caches: room for {caches.cache.capacity - max(caches.lens)} more entries, "
+                             f"max_new_tokens {max_new_tokens} needs {max_new_tokens - 1}")
+        pc = self.prompt_caches(rows, room=max_new_tokens) if caches is None else caches
         gen = torch.Generator(device=dec.device).manual_seed(seed)
         b = len(rows)
         out: list[list[int]] = [[] for _ in range(b)]

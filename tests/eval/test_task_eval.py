@@ -162,3 +162,23 @@ def test_evaluate_task_bad_input(models):
         evaluate_task(dec, tok, probs, methods=["shuffled"])
     with pytest.raises(ValueError, match="at least one problem"):
         evaluate_task(dec, tok, [], coprocessor=cop)
+
+
+def test_one_prompt_cache_per_batch_serves_scoring_and_decoding(models, monkeypatch):
+    """Scoring and greedy decoding read the same augmented cache: the shuffled control's donor advances
+    once per batch (a second augmentation for decoding gave row 0 another problem's latents)."""
+    from cacheaug_engine.generation.augmented_lm import AugmentedLM
+
+    dec, cop, pause = models
+    calls: list[str] = []
+    real = AugmentedLM.prompt_caches
+
+    def counted(self, rows, room):
+        calls.append(self.method)
+        return real(self, rows, room)
+
+    monkeypatch.setattr(AugmentedLM, "prompt_caches", counted)
+    probs = heldout_problems("addition", 5, shots=1, digits=1, seed=7, train=FEW)
+    evaluate_task(dec, ByteTokenizer(), probs, coprocessor=cop, pause=pause, batch_size=2)
+    assert sorted(set(calls)) == ["coprocessor", "mean", "none", "pause", "shuffled"]
+    assert all(calls.count(m) == 3 for m in set(calls)), calls  # 5 problems in batches of 2: 3 batches
