@@ -87,7 +87,8 @@ def run(a: argparse.Namespace) -> None:
             continue
         cmd = _cacheaug("task-eval", str(root / f"nl{nl}-cop" / "checkpoint"), "--pause",
                         str(root / f"nl{nl}-pause" / "checkpoint"), "--task", a.task, "--digits", str(a.digits),
-                        "--problems", str(a.problems), "--shots", str(a.shots), "--out", str(out), "--device", "cpu")
+                        "--problems", str(a.problems), "--shots", str(a.shots), "--out", str(out), "--device", "cpu",
+                        "--batch-size", "16")
         _log(root, cmd)
         subprocess.run(cmd, check=True)
 
