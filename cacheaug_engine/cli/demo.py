@@ -74,6 +74,11 @@ def add_parser(sub: Any) -> None:
     d.add_argument("--prompt", help="prompt for the generation example (default: held-out text)")
     d.add_argument("--max-new-tokens", type=int, default=24, help="tokens generated in the example")
     d.add_argument("--eval-ahead", type=int, default=8, help="positions scored after each point in the eval")
+    d.add_argument("--task", choices=("addition",),
+                   help="instead: the shipped task coprocessor on held-out problems of the task (answer perplexity "
+                        "and exact match against the controls; cli/demo_task.py)")
+    d.add_argument("--problems", type=int, default=48, help="held-out problems scored with --task")
+    d.add_argument("--shots", type=int, default=4, help="solved lines before each problem with --task")
     d.set_defaults(func=run)
 
 
@@ -96,6 +101,10 @@ def run(args: Any) -> int:
     from cacheaug_engine.train.preflight import check_run_inputs, eval_ahead_range
     from cacheaug_engine.train.trainer import train
 
+    if getattr(args, "task", None):
+        from cacheaug_engine.cli.demo_task import run_task_demo
+
+        return run_task_demo(args)
     t0 = time.perf_counter()
     dev = pick_device(args.device or "auto")
     base = dict(DEMO_DEFAULTS)

@@ -74,7 +74,7 @@ def run(args: Any) -> int:
         "num_latents": cop.num_latents, "train_config": json.loads(json.dumps(asdict(cfg), default=str)),
         "seconds": time.perf_counter() - t0,
     })
-    write_json(out / "task_eval.json", res)
+    write_json(res, out / "task_eval.json")
     (out / "task_eval.md").write_text(table, encoding="utf-8")
     print(f"wrote {out / 'task_eval.json'} ({res['seconds']:.0f} s)")
     return 0
