@@ -178,3 +178,25 @@ class KVCache:
         for i, (kn, vn) in enumerate(zip(ks, vs, strict=True)):
             self.write(i, kn, vn)
         self.advance(s)
+
+
+def check_block_inputs(
+    hidden_size: int, inputs_embeds: Tensor, positions: Tensor, cache: KVCache, prefix_lens: Tensor, block_len: int,
+    output: str,
+) -> int:
+    """The shapes every decoder's ``forward_blocks`` takes (one ValueError naming the argument); returns B."""
+    if output not in ("logits", "hidden"):
+        raise ValueError(f"output: expected 'logits' or 'hidden', got {output!r}")
+    if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != hidden_size:
+        raise ValueError(f"inputs_embeds: expected [B, N*S, {hidden_size}], got {tuple(inputs_embeds.shape)}")
+    b, ns, _ = inputs_embeds.shape
+    if not isinstance(block_len, int) or block_len < 1 or ns % block_len:
+        raise ValueError(f"block_len: expected an int >= 1 dividing N*S = {ns}, got {block_len!r}")
+    n = ns // block_len
+    if tuple(positions.shape) != (b, ns):
+        raise ValueError(f"positions: expected shape {(b, ns)}, got {tuple(positions.shape)}")
+    if tuple(prefix_lens.shape) != (b, n):
+        raise ValueError(f"prefix_lens: expected shape {(b, n)} [B, N], got {tuple(prefix_lens.shape)}")
+    if cache.batch_size not in (1, b):
+        raise ValueError(f"cache: batch {cache.batch_size} does not match inputs_embeds batch {b} (or 1)")
+    return int(b)

@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from cacheaug_engine import ops
 
 from ..ops.frozen_linear import FrozenLinear, check_backend
-from .cache import KVCache
+from .cache import KVCache, check_block_inputs
 from .config import DecoderConfig, check_float_dtype
 from .rope import apply_rope, rope_cos_sin
 
@@ -383,22 +383,7 @@ class Decoder(nn.Module):
             block_len: S.
             output: "logits" -> float32 [B, N*S, V]; "hidden" -> final-normed [B, N*S, d].
         """
-        if output not in ("logits", "hidden"):
-            raise ValueError(f"output: expected 'logits' or 'hidden', got {output!r}")
-        if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != self.cfg.hidden_size:
-            raise ValueError(
-                f"inputs_embeds: expected [B, N*S, {self.cfg.hidden_size}], got {tuple(inputs_embeds.shape)}"
-            )
-        b, ns, _ = inputs_embeds.shape
-        if not isinstance(block_len, int) or block_len < 1 or ns % block_len:
-            raise ValueError(f"block_len: expected an int >= 1 dividing N*S = {ns}, got {block_len!r}")
-        n = ns // block_len
-        if tuple(positions.shape) != (b, ns):
-            raise ValueError(f"positions: expected shape {(b, ns)}, got {tuple(positions.shape)}")
-        if tuple(prefix_lens.shape) != (b, n):
-            raise ValueError(f"prefix_lens: expected shape {(b, n)} [B, N], got {tuple(prefix_lens.shape)}")
-        if cache.batch_size not in (1, b):
-            raise ValueError(f"cache: batch {cache.batch_size} does not match inputs_embeds batch {b} (or 1)")
+        b = check_block_inputs(self.cfg.hidden_size, inputs_embeds, positions, cache, prefix_lens, block_len, output)
         x = inputs_embeds.to(self.dtype)
         # One plan for every layer: prefix_lens is checked against [0, cache.lens[b]] with one read-back.
         plans = self.plan_blocks(prefix_lens, block_len, cache.max_len, prefix_limit=cache.lens, dtype=x.dtype)

@@ -35,7 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import ops
-from .cache import KVCache
+from .cache import KVCache, check_block_inputs
 from .decoder import LayerPlans
 from .transformers_attention import PASS_KWARG, AttentionPass, LayerCall, register
 
@@ -339,22 +339,7 @@ class TransformersDecoder(nn.Module):
     ) -> Tensor:
         """N blocks of S embeddings [B, N*S, d], block k over the first p_k cache entries of every layer
         and causally itself -> float32 logits [B, N*S, V] or final-normed hidden. As ``Decoder.forward_blocks``."""
-        if output not in ("logits", "hidden"):
-            raise ValueError(f"output: expected 'logits' or 'hidden', got {output!r}")
-        if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != self.cfg.hidden_size:
-            raise ValueError(
-                f"inputs_embeds: expected [B, N*S, {self.cfg.hidden_size}], got {tuple(inputs_embeds.shape)}"
-            )
-        b, ns, _ = inputs_embeds.shape
-        if not isinstance(block_len, int) or block_len < 1 or ns % block_len:
-            raise ValueError(f"block_len: expected an int >= 1 dividing N*S = {ns}, got {block_len!r}")
-        n = ns // block_len
-        if tuple(positions.shape) != (b, ns):
-            raise ValueError(f"positions: expected shape {(b, ns)}, got {tuple(positions.shape)}")
-        if tuple(prefix_lens.shape) != (b, n):
-            raise ValueError(f"prefix_lens: expected shape {(b, n)} [B, N], got {tuple(prefix_lens.shape)}")
-        if cache.batch_size not in (1, b):
-            raise ValueError(f"cache: batch {cache.batch_size} does not match inputs_embeds batch {b} (or 1)")
+        b = check_block_inputs(self.cfg.hidden_size, inputs_embeds, positions, cache, prefix_lens, block_len, output)
         x = inputs_embeds.to(self.dtype)
         plans = self.plan_blocks(prefix_lens, block_len, cache.max_len, prefix_limit=cache.lens, dtype=x.dtype)
 
