@@ -19,6 +19,7 @@ from cacheaug_engine.cli import (
     demo,
     evaluate,
     export,
+    export_hf,
     generate,
     info,
     kernels,
@@ -30,7 +31,7 @@ from cacheaug_engine.cli import (
 from cacheaug_engine.cli.args import UsageError
 
 # --help lists them in this order
-COMMANDS = (demo, train, evaluate, task_eval, generate, export, info, bench, kernels, tasks, lm_eval)
+COMMANDS = (demo, train, evaluate, task_eval, generate, export, export_hf, info, bench, kernels, tasks, lm_eval)
 
 
 class _Parser(argparse.ArgumentParser):
