@@ -78,7 +78,7 @@ class AugmentStats:
     """Counters of a :class:`PromptAugmenter` (tests and the benchmark read them)."""
 
     requests: int = 0  # prompts asked for
-    hits: int = 0  # served from the latent cache
+    hits: int = 0  # served without a coprocessor run (cached, or a repeat within the batch)
     computed: int = 0  # prompts whose latents the coprocessor computed
     passes: int = 0  # coprocessor batch passes
     seconds: float = 0.0  # wall time in the coprocessor (prefill + latents)
@@ -134,7 +134,7 @@ class PromptAugmenter:
                     self._cache.move_to_end(k)
                 elif k not in todo:
                     todo[k] = r
-            self.stats.hits += sum(1 for k in keys if k not in todo)
+            self.stats.hits += len(rows) - len(todo)
             fresh: dict[str, Tensor] = {}
             items = list(todo.items())
             t0 = time.perf_counter()
