@@ -24,6 +24,7 @@ from cacheaug_engine.cli import (
     info,
     kernels,
     lm_eval,
+    serve,
     task_eval,
     tasks,
     train,
@@ -31,7 +32,8 @@ from cacheaug_engine.cli import (
 from cacheaug_engine.cli.args import UsageError
 
 # --help lists them in this order
-COMMANDS = (demo, train, evaluate, task_eval, generate, export, export_hf, info, bench, kernels, tasks, lm_eval)
+COMMANDS = (demo, train, evaluate, task_eval, generate, export, export_hf, serve, info, bench, kernels, tasks,
+            lm_eval)
 
 
 class _Parser(argparse.ArgumentParser):
