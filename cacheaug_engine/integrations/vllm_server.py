@@ -103,6 +103,7 @@ class AugmentFront:
         self.host, self.port = parts.hostname, parts.port
         self.deadline_s = float(deadline_s)
         self.stats = FrontStats()
+        self.engine_pid: int | None = None  # set by serve(): the engine's process (group) id, reported by /health
         self._lock = threading.Lock()
         # one worker: the coprocessor runs off the request threads, one batch at a time
         self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cacheaug-coprocessor")
@@ -151,7 +152,7 @@ class AugmentFront:
         except (urllib.error.URLError, OSError):
             ok = False
         a = self.augmenter.stats
-        doc = {"status": "ok" if ok else "engine not ready", "engine": self.upstream,
+        doc = {"status": "ok" if ok else "engine not ready", "engine": self.upstream, "engine_pid": self.engine_pid,
                "front": vars(self.stats).copy(),
                "coprocessor": {"placement": self.augmenter.placement, "num_latents": self.augmenter.num_latents,
                                "requests": a.requests, "computed": a.computed, "hits": a.hits,
@@ -340,6 +341,7 @@ def serve(model_dir: str | os.PathLike, coprocessor: str | os.PathLike, *, host:
     log = open(log_file, "ab") if log_file else None  # noqa: SIM115 - closed below
     proc = start_vllm(model_dir, inner, vllm_args, log=log)
     front = AugmentFront(augmenter, lambda t: list(tok.encode(t)), f"http://127.0.0.1:{inner}", deadline_s)
+    front.engine_pid = proc.pid
     server = None
     stop = threading.Event()
 
