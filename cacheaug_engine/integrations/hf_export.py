@@ -73,8 +73,9 @@ def write_hf_dir(gguf: Path, out: Path, dtype: torch.dtype = torch.float32) -> l
     cfg = loaded.config
     if hasattr(cfg, "quantization_config"):
         del cfg.quantization_config  # what makes save_pretrained refuse: the copy is plain dense weights
-    fresh = transformers.AutoModelForCausalLM.from_config(cfg, dtype=dtype)
-    missing, unexpected = fresh.load_state_dict(loaded.state_dict(), strict=False)
+    with torch.device("meta"):  # no random init of weights that are replaced right away
+        fresh = transformers.AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+    missing, unexpected = fresh.load_state_dict(loaded.state_dict(), strict=False, assign=True)
     tied = {"lm_head.weight"} if getattr(cfg, "tie_word_embeddings", False) else set()
     if set(missing) - tied or unexpected:
         raise ValueError(f"{gguf}: weights did not map onto {type(fresh).__name__} "

@@ -307,23 +307,39 @@ def wait_ready(url: str, proc: subprocess.Popen | None, timeout_s: float) -> Non
     raise RuntimeError(f"{url} did not answer within {timeout_s:g} s")
 
 
-def stop_process(proc: subprocess.Popen, grace_s: float = 30.0) -> None:
-    """SIGTERM the process group, then SIGKILL what is left after ``grace_s``."""
-    if proc.poll() is not None:
-        return
+def group_alive(pgid: int) -> bool:
+    """Whether any process of process group ``pgid`` is left."""
     try:
-        os.killpg(proc.pid, signal.SIGTERM)
+        os.killpg(pgid, 0)
     except ProcessLookupError:
-        return
-    try:
-        proc.wait(timeout=grace_s)
-    except subprocess.TimeoutExpired:
-        pass
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)  # the engine's own workers too, whatever they did
-    except ProcessLookupError:
-        pass
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def stop_process(proc: subprocess.Popen, grace_s: float = 30.0) -> bool:
+    """Stop ``proc`` and its process group (the engine's workers): SIGTERM, up to ``grace_s`` for all of
+    them to exit, then SIGKILL what is left. Returns True when the whole group is gone."""
+    pgid = proc.pid
+    if proc.poll() is None:
+        try:
+            os.killpg(pgid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    t_end = time.monotonic() + grace_s
+    while time.monotonic() < t_end and (proc.poll() is None or group_alive(pgid)):
+        time.sleep(0.2)
+    if proc.poll() is None or group_alive(pgid):
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
     proc.wait(timeout=10)
+    t_end = time.monotonic() + 10
+    while group_alive(pgid) and time.monotonic() < t_end:
+        time.sleep(0.1)
+    return not group_alive(pgid)
 
 
 def serve(model_dir: str | os.PathLike, coprocessor: str | os.PathLike, *, host: str = "127.0.0.1",
@@ -374,11 +390,12 @@ def serve(model_dir: str | os.PathLike, coprocessor: str | os.PathLike, *, host:
         if server is not None:
             server.server_close()
         front.close()
-        stop_process(proc)
+        if not stop_process(proc):
+            print(f"cacheaug serve: warning: engine process group {proc.pid} did not exit", flush=True)
         if log is not None:
             log.close()
         print("cacheaug serve: stopped", flush=True)
 
 
 __all__ = ["AugmentFront", "FrontStats", "encode_embeds", "make_front_server", "serve", "start_vllm",
-           "stop_process", "wait_ready", "free_port"]
+           "stop_process", "group_alive", "wait_ready", "free_port"]

@@ -18,17 +18,9 @@ pytest.importorskip("vllm")
 
 from cacheaug_engine.generation import generate  # noqa: E402
 from cacheaug_engine.integrations.vllm import load_augmenter  # noqa: E402
-from cacheaug_engine.integrations.vllm_server import free_port, wait_ready  # noqa: E402
+from cacheaug_engine.integrations.vllm_server import free_port, group_alive, wait_ready  # noqa: E402
 
 N_NEW = 8
-
-
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 def _post(url: str, body: dict) -> dict:
@@ -86,11 +78,12 @@ def test_serve_augmented_and_plain_over_http(tiny_dir, tmp_path: Path) -> None:
             code = proc.wait(timeout=90)
         except subprocess.TimeoutExpired:
             code = None
-        engine_left = engine_pid is not None and _group_alive(engine_pid)
+        engine_left = engine_pid is not None and group_alive(engine_pid)
         for pid in (proc.pid, engine_pid):  # whatever a failed shutdown left behind
-            if pid is not None and _group_alive(pid):
+            if pid is not None and group_alive(pid):
                 os.killpg(pid, signal.SIGKILL)
         log.close()
     assert code == 0, (tmp_path / "serve.log").read_text()[-3000:]
     assert "cacheaug serve: stopped" in (tmp_path / "serve.log").read_text()
+    assert "did not exit" not in (tmp_path / "serve.log").read_text()
     assert engine_pid is not None and not engine_left  # the engine and its workers are gone with the front
