@@ -65,6 +65,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--coprocessor", default=None, help="serve: coprocessor checkpoint (default: the shipped one)")
     parser.add_argument("--batches", default="1,8,32", help="serve: batch sizes, comma-separated")
     parser.add_argument("--max-new-tokens", type=int, default=16, help="serve: tokens generated per request")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="serve: torch threads of our generate (default: 1 on the CPU, as vLLM's CPU worker)")
 
 
 def _dtype(name: str | None, device: torch.device) -> torch.dtype:
@@ -256,7 +258,8 @@ def _run_serve(args: argparse.Namespace) -> int:
     dtype = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32", None: None}[args.dtype]
     out = args.out or f"bench/results/serve-{device}.json"
     doc = run_serve_bench(args.model, cop, out, batches=batches, max_new_tokens=args.max_new_tokens,
-                          repeats=args.repeats or 2, device=device, dtype=dtype, progress=not args.no_progress)
+                          repeats=args.repeats or 2, device=device, dtype=dtype, progress=not args.no_progress,
+                          threads=args.threads if args.threads is not None else (1 if device == "cpu" else None))
     print(table(doc))
     print(f"-> {out}")
     return 0

@@ -11,6 +11,10 @@ tokens each (``ignore_eos``: every request produces exactly that many), timed as
   mode: what serving costs once latents are precomputed);
 * ``ours/plain`` and ``ours/augmented``: ``generation.generate`` on our decoder (coprocessor inside).
 
+Threads: vLLM's CPU worker runs torch on one thread ("Reducing Torch threads ... for serving") unless
+OMP_NUM_THREADS is set; ``threads`` sets ours (on a 2-core machine shared with other jobs, 2 OpenMP
+threads made our batch-1 decode ~10x slower than 1: spinning threads fight the other load).
+
 Each case: one untimed warm-up, then ``--repeats`` timed runs (median). Requests/s = B / wall,
 tokens/s = B * new tokens / wall. Works on a GPU as is (``--device cuda``: vLLM's CUDA build, our
 decoder on CUDA, bf16 by default there). Needs vLLM: run it from vLLM's own virtual environment.
@@ -71,9 +75,10 @@ def _row(engine: str, mode: str, b: int, new: int, walls: list[float], cop: list
 
 def run_serve_bench(model_dir: str, coprocessor: str, out: str, *, batches: tuple[int, ...] = (1, 8, 32),
                     max_new_tokens: int = 16, repeats: int = 2, device: str = "cpu", dtype: str | None = None,
-                    max_model_len: int = 256, progress: bool = True) -> dict[str, Any]:
+                    max_model_len: int = 256, progress: bool = True, threads: int | None = None) -> dict[str, Any]:
     """Run the cases and write the JSON document to ``out`` (rewritten after every case); returns it."""
     import json
+    import os
 
     from tqdm import tqdm
 
@@ -81,6 +86,10 @@ def run_serve_bench(model_dir: str, coprocessor: str, out: str, *, batches: tupl
     from cacheaug_engine.integrations.vllm import AugmentedLLM, require_vllm
 
     vllm = require_vllm()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    if device == "cpu":  # else vLLM's CPU backend reserves 92 % of the machine's memory and may refuse to start
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     dtype = dtype or ("bfloat16" if device == "cuda" else "float32")
     tdt = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
     t0 = time.perf_counter()

@@ -28,6 +28,8 @@ def add_parser(sub: Any) -> None:
                    help="seconds an augmented request waits for its latents before it is served plain")
     s.add_argument("--dtype", default="float32", help="engine dtype (float32: results match our decoder)")
     s.add_argument("--max-model-len", type=int, default=2048)
+    s.add_argument("--kv-cache-gib", type=int, default=2,
+                   help="CPU backend: GiB of KV cache (VLLM_CPU_KVCACHE_SPACE, which wins when set)")
     s.add_argument("--compile", action="store_true",
                    help="let vLLM torch.compile the model (slower start; default: --enforce-eager)")
     s.add_argument("--vllm-args", default="", help="more arguments for vLLM's server, one quoted string")
@@ -43,6 +45,7 @@ def run(args: argparse.Namespace) -> int:
 
     check_int(args.port, "--port", 1, 65535)
     check_int(args.max_model_len, "--max-model-len", 16)
+    check_int(args.kv_cache_gib, "--kv-cache-gib", 1)
     check_number(args.deadline_s, "--deadline-s", 0.0)
     check_number(args.ready_timeout_s, "--ready-timeout-s", 0.0, strict=True)
     model = Path(args.model)
@@ -61,4 +64,4 @@ def run(args: argparse.Namespace) -> int:
     from cacheaug_engine.integrations.vllm_server import serve
 
     return serve(model, ckpt, host=args.host, port=args.port, deadline_s=args.deadline_s, vllm_args=vllm_args,
-                 ready_timeout_s=args.ready_timeout_s, log_file=args.engine_log)
+                 ready_timeout_s=args.ready_timeout_s, log_file=args.engine_log, kv_cache_gib=args.kv_cache_gib)

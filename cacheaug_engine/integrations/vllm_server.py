@@ -277,8 +277,9 @@ def make_front_server(front: AugmentFront, host: str = "127.0.0.1", port: int = 
 
 
 def start_vllm(model_dir: str | os.PathLike, port: int, vllm_args: Sequence[str] = (), *,
-               log: Any = None) -> subprocess.Popen:
-    """vLLM's OpenAI server on 127.0.0.1:``port`` with prompt embeddings enabled, in its own process group."""
+               log: Any = None, kv_cache_gib: int = 2) -> subprocess.Popen:
+    """vLLM's OpenAI server on 127.0.0.1:``port`` with prompt embeddings enabled, in its own process group
+    (``kv_cache_gib``: the CPU backend's KV cache, unless VLLM_CPU_KVCACHE_SPACE is set)."""
     import importlib.util
 
     from cacheaug_engine.integrations.vllm import INSTALL_HINT
@@ -287,8 +288,12 @@ def start_vllm(model_dir: str | os.PathLike, port: int, vllm_args: Sequence[str]
         raise ImportError(f"cacheaug serve needs vLLM: {INSTALL_HINT}")
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
            "--host", "127.0.0.1", "--port", str(port), "--enable-prompt-embeds", *vllm_args]
+    env = dict(os.environ)
+    # vLLM's CPU backend otherwise reserves --gpu-memory-utilization (92 %) of the machine's memory for
+    # its KV cache and refuses to start on a shared machine; a set VLLM_CPU_KVCACHE_SPACE wins.
+    env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gib))
     return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT if log is not None else None,
-                            start_new_session=True)
+                            start_new_session=True, env=env)
 
 
 def wait_ready(url: str, proc: subprocess.Popen | None, timeout_s: float) -> None:
@@ -344,7 +349,7 @@ def stop_process(proc: subprocess.Popen, grace_s: float = 30.0) -> bool:
 
 def serve(model_dir: str | os.PathLike, coprocessor: str | os.PathLike, *, host: str = "127.0.0.1",
           port: int = 8000, deadline_s: float = 10.0, vllm_args: Sequence[str] = (), ready_timeout_s: float = 600.0,
-          log_file: str | os.PathLike | None = None) -> int:
+          log_file: str | os.PathLike | None = None, kv_cache_gib: int = 2) -> int:
     """Run the engine and the front until SIGINT / SIGTERM; returns the exit code (0 on a clean stop)."""
     from cacheaug_engine.integrations.vllm import load_augmenter
 
@@ -355,7 +360,7 @@ def serve(model_dir: str | os.PathLike, coprocessor: str | os.PathLike, *, host:
     tok = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
     inner = free_port()
     log = open(log_file, "ab") if log_file else None  # noqa: SIM115 - closed below
-    proc = start_vllm(model_dir, inner, vllm_args, log=log)
+    proc = start_vllm(model_dir, inner, vllm_args, log=log, kv_cache_gib=kv_cache_gib)
     front = AugmentFront(augmenter, lambda t: list(tok.encode(t)), f"http://127.0.0.1:{inner}", deadline_s)
     front.engine_pid = proc.pid
     server = None
