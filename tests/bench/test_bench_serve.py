@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from cacheaug_engine.bench.serve import batch_prompts, table
+
 from cacheaug_engine.cli.main import main
 
 
