@@ -5,6 +5,8 @@
     cacheaug bench plot bench/results/*.json --plot-dir bench/results/plots
 
 `cacheaug bench cpu` compares our decoder with transformers' on the CPU (bench/cpu_peer.py).
+`cacheaug bench serve --model HF_DIR` serves augmented and plain requests through vLLM against our own
+generate at batch 1, 8, 32 (bench/serve.py; run it from vLLM's own virtual environment).
 
 Sections: ops = segment attention + decode_attention + cascade_decode + merge_states;
 train = training step of the multi-position objective; decode = end-to-end decode
@@ -37,7 +39,7 @@ BUDGET_SHARES = {"segment": 0.45, "decode_attention": 0.08, "cascade": 0.08, "me
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("what", choices=[*SECTIONS, "all", "recipe", "plot", "cpu"],
+    parser.add_argument("what", choices=[*SECTIONS, "all", "recipe", "plot", "cpu", "serve"],
                         help="which benchmarks to run (or plot; cpu = ours vs transformers on the CPU, paired; "
                              "recipe = training steps at the default recipe's shapes vs the naive loop and flex)")
     parser.add_argument("inputs", nargs="*", help="plot: result JSON files")
@@ -59,6 +61,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup", type=int, default=None, help="untimed warm-up calls per case")
     parser.add_argument("--no-progress", action="store_true", help="no tqdm bars")
     parser.add_argument("--plot-dir", default=None, help="plot: folder for PNGs (default: next to --out)")
+    parser.add_argument("--model", default=None, help="serve: HF model directory (cacheaug export-hf writes one)")
+    parser.add_argument("--coprocessor", default=None, help="serve: coprocessor checkpoint (default: the shipped one)")
+    parser.add_argument("--batches", default="1,8,32", help="serve: batch sizes, comma-separated")
+    parser.add_argument("--max-new-tokens", type=int, default=16, help="serve: tokens generated per request")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="serve: torch threads of our generate (default: 1 on the CPU, as vLLM's CPU worker)")
 
 
 def _dtype(name: str | None, device: torch.device) -> torch.dtype:
@@ -207,6 +215,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if args.inputs:
         raise ValueError(f"bench {args.what}: unexpected arguments {args.inputs} (files are only for bench plot)")
+    if args.what == "serve":
+        return _run_serve(args)
     if args.what == "cpu":
         from .cpu_peer import run_cpu_peer
 
@@ -221,6 +231,37 @@ def run(args: argparse.Namespace) -> int:
         return 0
     doc = run_sections(args)
     print(_summary(doc))
+    return 0
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    """`cacheaug bench serve`: arguments checked before vLLM or a model is loaded."""
+    from cacheaug_engine.augment.shipped import shipped_coprocessor
+    from cacheaug_engine.checks import check_int
+
+    from .serve import run_serve_bench, table
+
+    if not args.model or not (Path(args.model) / "config.json").is_file():
+        raise ValueError(f"--model: bench serve needs a HF model directory (got {args.model!r}); "
+                         "cacheaug export-hf default DIR writes SmolLM2-135M as one")
+    cop = args.coprocessor or (str(shipped_coprocessor()) if shipped_coprocessor() else None)
+    if cop is None or not Path(cop).exists():
+        raise ValueError(f"--coprocessor: {cop}: no such checkpoint directory")
+    try:
+        batches = tuple(int(x) for x in args.batches.split(","))
+    except ValueError:
+        raise ValueError(f"--batches: expected comma-separated integers, got {args.batches!r}") from None
+    for b in batches:
+        check_int(b, "--batches", 1)
+    check_int(args.max_new_tokens, "--max-new-tokens", 1)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32", None: None}[args.dtype]
+    out = args.out or f"bench/results/serve-{device}.json"
+    doc = run_serve_bench(args.model, cop, out, batches=batches, max_new_tokens=args.max_new_tokens,
+                          repeats=args.repeats or 2, device=device, dtype=dtype, progress=not args.no_progress,
+                          threads=args.threads if args.threads is not None else (1 if device == "cpu" else None))
+    print(table(doc))
+    print(f"-> {out}")
     return 0
 
 

@@ -19,10 +19,12 @@ from cacheaug_engine.cli import (
     demo,
     evaluate,
     export,
+    export_hf,
     generate,
     info,
     kernels,
     lm_eval,
+    serve,
     task_eval,
     tasks,
     train,
@@ -30,7 +32,8 @@ from cacheaug_engine.cli import (
 from cacheaug_engine.cli.args import UsageError
 
 # --help lists them in this order
-COMMANDS = (demo, train, evaluate, task_eval, generate, export, info, bench, kernels, tasks, lm_eval)
+COMMANDS = (demo, train, evaluate, task_eval, generate, export, export_hf, serve, info, bench, kernels, tasks,
+            lm_eval)
 
 
 class _Parser(argparse.ArgumentParser):
