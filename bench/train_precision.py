@@ -7,7 +7,7 @@ machine load. Reported: per precision the median step time, the paired ratio of 
 to its step time (> 1: faster than fp32) with a distribution-free 95% interval, tokens/s, and the
 loss curve (mean of the last 20 steps against fp32's, on identical batches).
 
-    python -m cacheaug_engine.bench.train_precision --steps 100 --out bench/results/train_precision_cpu.json
+    python -m bench.train_precision --steps 100 --out bench/results/train_precision_cpu.json
 """
 
 from __future__ import annotations
