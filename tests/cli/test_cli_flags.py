@@ -14,7 +14,7 @@ from cacheaug_engine.train.config import TrainConfig, setting
 NOT_SETTINGS = {"config", "no_progress"}  # flags of the command, not fields of the run
 OWN_FLAGS = {  # subcommand-only flags besides the TrainConfig ones
     "train": {"resume"},
-    "demo": {"from_scratch", "prompt", "max_new_tokens", "eval_ahead"},
+    "demo": {"from_scratch", "prompt", "max_new_tokens", "eval_ahead", "task", "problems", "shots"},
 }
 
 
