@@ -93,14 +93,17 @@ def run(a: argparse.Namespace) -> None:
         subprocess.run(cmd, check=True)
 
 
-def _row(nl: int, res: dict[str, Any], root: Path) -> dict[str, Any]:
+def _row(nl: int, res: dict[str, Any], root: Path | None, label: str = "") -> dict[str, Any]:
     ms, pd = res["methods"], res["paired"]
     hist = {}
-    for kind in ("cop", "pause"):
+    for kind in ("cop", "pause") if root is not None else ():
         st = json.loads((root / f"nl{nl}-{kind}" / "checkpoint" / "state.json").read_text())
         hist[kind] = [h["loss"] for h in st.get("history", [])]
     return {
         "num_latents": nl,
+        "label": label or f"N_L {nl}",
+        "steps": res["train_config"]["steps"],
+        "checkpoint": res.get("checkpoint"),
         "answer_ppl": {m: v["answer_ppl"] for m, v in ms.items()},
         "ppl_by_position": {m: v["ppl_by_position"] for m, v in ms.items()},
         "exact_match": {m: [v["exact_match"], *v["exact_match_ci"]] for m, v in ms.items()},
@@ -128,6 +131,10 @@ def report(a: argparse.Namespace) -> None:
         res = json.loads(f.read_text())
         first = first or res
         rows.append(_row(nl, res, root))
+    for spec in a.extra:  # LABEL=DIR: a task_eval.json of another budget, shown apart
+        label, _, d = spec.partition("=")
+        res = json.loads((Path(d) / "task_eval.json").read_text())
+        rows.append(_row(int(res["num_latents"]), res, None, f"{label} ({res['train_config']['steps']} steps)"))
     if not rows or first is None:
         raise SystemExit("no evaluated N_L")
     steps = first["train_config"]["steps"]
@@ -135,7 +142,7 @@ def report(a: argparse.Namespace) -> None:
             "steps": steps, "recipe": RECIPE, "commands": (root / "commands.txt").read_text().splitlines()}
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.with_suffix(".json").write_text(json.dumps({**meta, "rows": rows}, indent=1))
-    head = ("| N_L | decoder | pause | coprocessor | shuffled | mean | vs pause | vs shuffled | vs mean | vs decoder "
+    head = ("| run | decoder | pause | coprocessor | shuffled | mean | vs pause | vs shuffled | vs mean | vs decoder "
             "| exact: cop / pause / shuffled / decoder |")
     lines = [f"{a.task}, {first['digits']} digits, {first['shots']} shots, {first['problems']} held-out problems; "
              f"{steps} training steps per run. Answer perplexity; change of the coprocessor's answer perplexity "
@@ -145,27 +152,34 @@ def report(a: argparse.Namespace) -> None:
         cells = [f"{p.get(m, float('nan')):.3f}" for m in ("decoder", "pause", "coprocessor", "shuffled", "mean")]
         ch = [f"{c[m][0]:+.1f}% [{c[m][1]:+.1f}, {c[m][2]:+.1f}]" for m in ("pause", "shuffled", "mean", "decoder")]
         ex = " / ".join(f"{100 * e[m][0]:.1f}%" for m in ("coprocessor", "pause", "shuffled", "decoder"))
-        lines.append(f"| {r['num_latents']} | " + " | ".join(cells + ch) + f" | {ex} |")
+        lines.append(f"| {r['label']} | " + " | ".join(cells + ch) + f" | {ex} |")
     a.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4))
-    x = [r["num_latents"] for r in rows]
+    same = [r for r in rows if r["steps"] == steps]  # the sweep's budget: joined by lines
+    other = [r for r in rows if r["steps"] != steps]  # --extra runs of another budget: open markers
     for m, col in (("pause", "C0"), ("shuffled", "C1"), ("mean", "C2")):
-        y = [r["ppl_change_pct"][m][0] for r in rows]
-        err = [[y[i] - r["ppl_change_pct"][m][1] for i, r in enumerate(rows)],
-               [r["ppl_change_pct"][m][2] - y[i] for i, r in enumerate(rows)]]
-        ax.errorbar(x, y, yerr=err, marker="o", capsize=3, color=col, label=f"coprocessor vs {m}")
+        for group, style in ((same, dict(marker="o")), (other, dict(marker="D", mfc="none", ls="none"))):
+            if not group:
+                continue
+            y = [r["ppl_change_pct"][m][0] for r in group]
+            err = [[y[i] - r["ppl_change_pct"][m][1] for i, r in enumerate(group)],
+                   [r["ppl_change_pct"][m][2] - y[i] for i, r in enumerate(group)]]
+            tag = "" if group is same else f" ({', '.join(r['label'] for r in group)})"
+            ax.errorbar([r["num_latents"] for r in group], y, yerr=err, capsize=3, color=col,
+                        label=f"coprocessor vs {m}{tag}", **style)
     ax.axhline(0, color="k", lw=0.8)
     ax.set_xscale("log", base=2)
     ax.set_xlabel("N_L (latents)")
     ax.set_ylabel("answer perplexity change, % (< 0: coprocessor better)")
     ax.set_title(f"{a.task}: gain over the controls by N_L ({steps} steps)")
     ax.legend()
+    x = [r["num_latents"] for r in rows]
     for m, col in (("coprocessor", "C3"), ("pause", "C0"), ("shuffled", "C1"), ("decoder", "k")):
         y = [100 * r["exact_match"][m][0] for r in rows]
         err = [[y[i] - 100 * r["exact_match"][m][1] for i, r in enumerate(rows)],
                [100 * r["exact_match"][m][2] - y[i] for i, r in enumerate(rows)]]
-        bx.errorbar(x, y, yerr=err, marker="o", capsize=3, color=col, label=m)
+        bx.errorbar(x, y, yerr=err, marker="o", ls="none", capsize=3, color=col, label=m)
     bx.set_xscale("log", base=2)
     bx.set_xlabel("N_L (latents)")
     bx.set_ylabel("exact match, % (95% Clopper-Pearson)")
@@ -188,6 +202,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--parallel", type=int, default=2, help="training jobs side by side (one thread each)")
     p.add_argument("--root", type=Path, default=Path("runs/nlsweep"))
     p.add_argument("--out", type=Path, default=Path("docs/nl-sweep"))
+    p.add_argument("--extra", nargs="*", default=[], metavar="LABEL=DIR",
+                   help="report: task-eval outputs of another budget (e.g. a shipped pair), shown apart")
     a = p.parse_args(argv)
     run(a) if a.action == "run" else report(a)
     return 0
