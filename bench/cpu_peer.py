@@ -31,7 +31,6 @@ import json
 import math
 import platform
 import statistics
-import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -39,6 +38,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+from .timing import git_commit
 
 
 def _hf_llama(cfg: Any) -> Any:
@@ -107,15 +108,6 @@ def _pair(variants: dict[str, Callable[[], Any]], repeats: int, warmup: int) -> 
         out[f"ratio{tag}_ci95"] = [round(x, 4) for x in median_interval(ratios)]
         out[f"ratios{tag}"] = [round(x, 4) for x in ratios]
     return out
-
-
-def _commit() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
-                             cwd=Path(__file__).resolve().parent)
-        return out.stdout.strip() or None
-    except OSError:
-        return None
 
 
 def run_cpu_peer(out: str, *, smoke: bool = False, repeats: int | None = None, warmup: int | None = None,
@@ -239,7 +231,7 @@ def run_cpu_peer(out: str, *, smoke: bool = False, repeats: int | None = None, w
     doc = {
         "bench": "cpu_vs_transformers", "device": "cpu", "cpu": platform.processor() or platform.machine(),
         "threads": torch.get_num_threads(), "torch": torch.__version__, "transformers": transformers.__version__,
-        "commit": _commit(), "smoke": smoke, "dtype": "float32",
+        "commit": git_commit(), "smoke": smoke, "dtype": "float32",
         "model": "SmolLM2-135M config, random weights" if not smoke else "tiny llama config",
         "repeats": repeats, "warmup": warmup, "cases": cases,
         "ours_linear": gemm,

@@ -22,14 +22,14 @@ decoder on CUDA, bf16 by default there). Needs vLLM: run it from vLLM's own virt
 
 from __future__ import annotations
 
-import platform
 import statistics
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from .timing import device_name, git_commit
 
 PROMPTS = (
     "The capital of France is", "12 + 30 =", "Once upon a time", "The best way to learn a language is",
@@ -40,26 +40,6 @@ PROMPTS = (
 def batch_prompts(b: int, round_: int = 0) -> list[str]:
     """``b`` distinct prompts (a numbered variant of the base prompts; ``round_`` makes a fresh set)."""
     return [f"{PROMPTS[i % len(PROMPTS)]} (case {round_}.{i})" for i in range(b)]
-
-
-def _cpu_name() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-        for line in out.splitlines():
-            if line.startswith("Model name:"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "?"
-
-
-def _commit() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
-                             cwd=Path(__file__).resolve().parent)
-        return out.stdout.strip() or None
-    except OSError:
-        return None
 
 
 def _row(engine: str, mode: str, b: int, new: int, walls: list[float], cop: list[float] | None = None) -> dict:
@@ -101,9 +81,9 @@ def run_serve_bench(model_dir: str, coprocessor: str, out: str, *, batches: tupl
     cop = aug.coprocessor.to(device=device, dtype=tdt)
     sp = vllm.SamplingParams(temperature=0.0, max_tokens=max_new_tokens, ignore_eos=True)
     doc: dict[str, Any] = {
-        "kind": "serve", "device": torch.cuda.get_device_name() if device == "cuda" else _cpu_name(),
+        "kind": "serve", "device": device_name(torch.device(device)),
         "threads": torch.get_num_threads(), "torch": torch.__version__, "vllm": vllm.__version__,
-        "commit": _commit(), "model": str(model_dir), "coprocessor": str(coprocessor), "dtype": dtype,
+        "commit": git_commit(), "model": str(model_dir), "coprocessor": str(coprocessor), "dtype": dtype,
         "placement": aug.placement, "num_latents": aug.num_latents, "engine_start_s": round(start_s, 2),
         "config": {"batches": list(batches), "max_new_tokens": max_new_tokens, "repeats": repeats,
                    "max_model_len": max_model_len, "enforce_eager": device != "cuda"},

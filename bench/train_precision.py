@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
-import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -25,16 +23,9 @@ from typing import Any
 import torch
 
 from .cpu_peer import median_interval
+from .timing import device_name, git_commit
 
 MODES = ("fp32", "bf16", "bf16-weights")
-
-
-def _cpu_name() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-    except OSError:
-        return platform.processor()
-    return next((ln.split(":", 1)[1].strip() for ln in out.splitlines() if ln.startswith("Model name")), "?")
 
 
 def run(steps: int, warmup: int, out: Path | None, threads: int | None) -> dict[str, Any]:
@@ -67,14 +58,10 @@ def run(steps: int, warmup: int, out: Path | None, threads: int | None) -> dict[
             loss[m].append(row["loss"])
     tok_per_step = base["batch_size"] * base["seq_len"]
     res: dict[str, Any] = {
-        "bench": "train_precision", "device": _cpu_name(), "threads": torch.get_num_threads(),
+        "bench": "train_precision", "device": device_name(torch.device("cpu")), "threads": torch.get_num_threads(),
         "torch": torch.__version__, "steps": steps, "warmup": warmup, "recipe": base, "modes": {},
+        "commit": git_commit(),
     }
-    try:
-        res["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                       timeout=10).stdout.strip()
-    except OSError:
-        res["commit"] = None
     ref_last = statistics.fmean(loss["fp32"][-20:])
     for m in MODES:
         ratios = [a / b for a, b in zip(seconds["fp32"], seconds[m], strict=True)]
