@@ -28,10 +28,10 @@ from tqdm import tqdm
 
 from cacheaug_engine.data.text import decode, encode
 from cacheaug_engine.eval.paired import clopper_pearson, exact_paired_binary, paired_bootstrap
-from cacheaug_engine.generation.augmented_lm import AugmentedLM
+from cacheaug_engine.generation.augmented_lm import NEEDS, AugmentedLM
 
 # method name in reports -> AugmentedLM method
-METHODS = {"decoder": "none", "coprocessor": "coprocessor", "pause": "pause", "shuffled": "shuffled", "mean": "mean"}
+METHODS = {"decoder": "none", "coprocessor": "coprocessor", "shuffled": "shuffled", "mean": "mean", "pause": "pause"}
 
 
 def encode_problems(tokenizer: Any, problems: Sequence[dict[str, str]]) -> list[tuple[list[int], list[int]]]:
@@ -118,23 +118,23 @@ def evaluate_task(
         raise ValueError("problems: expected at least one problem")
     if batch_size < 1:
         raise ValueError(f"batch_size: expected an int >= 1, got {batch_size!r}")
-    if methods is None:
-        methods = ["decoder"] + (["coprocessor", "shuffled", "mean"] if coprocessor is not None else []) + (
-            ["pause"] if pause is not None else [])
+    given = {"coprocessor": coprocessor, "pause": pause}
+    if methods is None:  # every method whose checkpoint is given, in METHODS' order
+        methods = [m for m, kind in METHODS.items() if NEEDS[kind] is None or given[NEEDS[kind]] is not None]
     for m in methods:
         if m not in METHODS:
             raise ValueError(f"methods: expected names from {tuple(METHODS)}, got {m!r}")
-        if m in ("coprocessor", "shuffled", "mean") and coprocessor is None:
-            raise ValueError(f"methods: {m!r} needs a coprocessor")
-        if m == "pause" and pause is None:
-            raise ValueError("methods: 'pause' needs a pause table")
+        need = NEEDS[METHODS[m]]
+        if need is not None and given[need] is None:
+            raise ValueError(f"methods: {m!r} needs {'a pause table' if need == 'pause' else 'a coprocessor'}")
     if "shuffled" in methods and len(problems) < 2:
         raise ValueError("problems: the shuffled control needs >= 2 problems")
     items = encode_problems(tokenizer, problems)
     answers = [p["answer"] for p in problems]
     raw: dict[str, dict[str, Any]] = {}
     for m in methods:
-        module = pause if m == "pause" else (None if m == "decoder" else coprocessor)
+        need = NEEDS[METHODS[m]]
+        module = None if need is None else given[need]
         lm = AugmentedLM(decoder, METHODS[m], module, autocast_dtype=autocast_dtype)
         raw[m] = score_method(lm, tokenizer, items, answers, batch_size=batch_size, desc=m)
     out: dict[str, Any] = {

@@ -35,6 +35,8 @@ from cacheaug_engine.generation.sampling import pick_tokens
 from cacheaug_engine.models import DecoderLike, KVCache
 
 METHODS = ("none", "coprocessor", "pause", "shuffled", "mean")
+# the checkpoint each method's latents come from: a coprocessor, a pause table, or none
+NEEDS = {"none": None, "coprocessor": "coprocessor", "pause": "pause", "shuffled": "coprocessor", "mean": "coprocessor"}
 MEAN_CONTEXTS = 32
 
 
@@ -88,7 +90,7 @@ class AugmentedLM:
             pause = bool(getattr(latents, "is_pause", False))
             if method == "pause" and not pause:
                 raise ValueError("method 'pause' needs a pause-table checkpoint (trained with --latents pause)")
-            if method in ("coprocessor", "shuffled", "mean") and pause:
+            if NEEDS[method] == "coprocessor" and pause:
                 raise ValueError(f"method {method!r} needs a coprocessor checkpoint, got a pause table")
             latents.eval()
         self.decoder, self.method, self.latents = decoder, method, latents

@@ -40,7 +40,7 @@ from lm_eval.models.utils import Collator, handle_stop_sequences, normalize_gen_
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
-from cacheaug_engine.generation.augmented_lm import METHODS, AugmentedLM
+from cacheaug_engine.generation.augmented_lm import METHODS, NEEDS, AugmentedLM
 
 DTYPES = {"float32": None, "fp32": None, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -53,7 +53,7 @@ def _check_args(augment: str, coprocessor: Any, pause: Any, batch_size: Any, dty
     """Every model_arg checked before anything is loaded; returns the batch size."""
     if augment not in METHODS:
         raise ValueError(f"augment: expected one of {', '.join(METHODS)}, got {augment!r}")
-    if augment in ("coprocessor", "shuffled", "mean") and coprocessor is None:
+    if NEEDS[augment] == "coprocessor" and coprocessor is None:
         raise ValueError(f"augment={augment} needs coprocessor=<checkpoint dir>")
     if augment == "pause" and pause is None:
         raise ValueError("augment=pause needs pause=<pause-table checkpoint dir>")
