@@ -37,6 +37,7 @@ from cacheaug_engine import ops
 
 from ..ops.frozen_linear import FrozenLinear, check_backend
 from .cache import KVCache, check_block_inputs
+from .compiled import compiled, gated, rms_norm
 from .config import DecoderConfig, check_float_dtype
 from .rope import apply_rope, rope_cos_sin
 
@@ -70,21 +71,22 @@ class LayerPlans:
 class RMSNorm(nn.Module):
     """RMSNorm; ``offset=1`` gives Gemma's ``x * (1 + w)`` (computed in float32 like HF)."""
 
+    compiled = False  # models/compiled.py: torch.compile'd region when set
+
     def __init__(self, dim: int, eps: float, offset: float = 0.0) -> None:
         super().__init__()
         self.eps, self.offset = eps, offset
         self.weight = nn.Parameter(torch.zeros(dim) if offset else torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        if self.offset:
-            return (xf * (self.offset + self.weight.float())).type_as(x)
-        return self.weight * xf.to(x.dtype)
+        fn = compiled(rms_norm) if self.compiled else rms_norm
+        return fn(x, self.weight, self.eps, self.offset)
 
 
 class Attention(nn.Module):
     """Q/K/V/O projections; the attention itself is supplied by the caller (an ``AttendFn``)."""
+
+    compiled = False  # RoPE as a torch.compile'd region when set
 
     def __init__(self, cfg: DecoderConfig) -> None:
         super().__init__()
@@ -103,11 +105,14 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(b, s, -1, dh).transpose(1, 2)
         k = self.k_proj(x).view(b, s, -1, dh).transpose(1, 2)
         v = self.v_proj(x).view(b, s, -1, dh).transpose(1, 2)
-        return apply_rope(q, cos, sin), apply_rope(k, cos, sin).contiguous(), v.contiguous()
+        rope = compiled(apply_rope) if self.compiled else apply_rope
+        return rope(q, cos, sin), rope(k, cos, sin).contiguous(), v.contiguous()
 
 
 class MLP(nn.Module):
     """Gated MLP: SwiGLU (Llama, Qwen2) or GeGLU with tanh-approximate GELU (Gemma-2)."""
+
+    compiled = False  # the gated activation as a torch.compile'd region when set
 
     def __init__(self, cfg: DecoderConfig) -> None:
         super().__init__()
@@ -119,6 +124,8 @@ class MLP(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         g, u = self.gate_proj(x), self.up_proj(x)
+        if self.compiled:
+            return self.down_proj(compiled(gated)(g, u, self.gelu))
         # Without an autograd graph, act and gate in place on the fresh projections (two fewer
         # [.., F] allocations per layer; on the CPU each fresh buffer is page-faulted in, ~2x the op).
         inplace = not (torch.is_grad_enabled() and (g.requires_grad or u.requires_grad))

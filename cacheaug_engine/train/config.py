@@ -92,6 +92,10 @@ class TrainConfig:
         "frozen decoder held in bf16, trainable tensors fp32, under bf16 autocast",
         choices=PRECISIONS,
     )
+    compile: bool = setting(
+        False, "torch.compile the decoder layers' element-wise regions (RMSNorm, RoPE, gated activation; the "
+        "GEMMs stay on oneDNN / cuBLAS); the native decoder only",
+    )
     threads: int | None = setting(None, "torch CPU threads")
     stop_after: int | None = setting(None, "stop this run after N steps (the schedule still spans --steps)")
     distributed: str | None = setting(

@@ -7,7 +7,7 @@ which settings a ``--resume`` may change.
 
 Resume policy (``RESUME_MAY_CHANGE``): the run length and cadence (steps, stop_after,
 eval_every, eval_seqs, save_every), where and how it runs (out, device, threads,
-grad_checkpoint) and the optimizer's hyper-parameters (lr, min_lr_ratio, warmup,
+grad_checkpoint, precision, compile) and the optimizer's hyper-parameters (lr, min_lr_ratio, warmup,
 weight_decay, clip, soft_lr_mult: the schedule continues from the resumed step with the new
 values) may change. Everything else (coprocessor shape and init, data, tokenizer, model,
 sequence layout, seed, held-out split) fixes tensor shapes or the data stream; a difference
@@ -29,7 +29,7 @@ from cacheaug_engine.device import PRECISIONS
 RESUME_MAY_CHANGE = frozenset(
     {
         "steps", "stop_after", "eval_every", "eval_seqs", "save_every", "out", "device", "threads",
-        "grad_checkpoint", "precision", "init_from", "lr", "min_lr_ratio", "warmup", "weight_decay", "clip",
+        "grad_checkpoint", "precision", "compile", "init_from", "lr", "min_lr_ratio", "warmup", "weight_decay", "clip",
         "soft_lr_mult",
         "distributed", "dist_timeout",  # ddp <-> fsdp share the checkpoint format; batch_size: see train()
     }
@@ -100,6 +100,9 @@ def check_run_inputs(cfg: Any) -> Path:
     are files, ``out`` is a writable directory (returned)."""
     if cfg.data:
         check_data_files(cfg.data, flag("data"))
+    if cfg.compile and cfg.decoder_impl == "transformers":
+        raise ValueError(f"{flag('compile')}: compiles the native decoder's regions; {flag('decoder_impl')} "
+                         "transformers has none (use --decoder-impl native or drop --compile)")
     return probe_writable_dir(cfg.out, flag("out"))
 
 

@@ -29,6 +29,7 @@ from cacheaug_engine.data.text import load_tok
 from cacheaug_engine.device import autocast, autocast_dtype, pick_device
 from cacheaug_engine.eval.evaluator import run_controls, summary
 from cacheaug_engine.eval.tables import format_controls
+from cacheaug_engine.models.compiled import check_compilable, compile_regions
 from cacheaug_engine.models.loaders import load_model
 from cacheaug_engine.train.checkpoint import (
     Checkpoint,
@@ -152,6 +153,8 @@ class Trainer:
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         self.device = ctx.device if ctx else pick_device(cfg.device)
+        if cfg.compile:
+            check_compilable(self.device)
         self.decoder = decoder if decoder is not None else load_model(cfg.model, self.device, impl=cfg.decoder_impl)
         if cfg.precision == "bf16-weights":  # frozen weights in bf16; trainable tensors stay fp32 (below)
             self.decoder.to(torch.bfloat16)
@@ -182,6 +185,9 @@ class Trainer:
             min_prefix=cfg.min_prefix, contrast=cfg.contrast, contrast_margin=cfg.contrast_margin,
         )
         self.objective.generator.manual_seed(cfg.seed + 1)
+        if cfg.compile and compile_regions(self.objective) == 0:
+            raise ValueError(f"--compile: the decoder ({type(self.decoder).__name__}) has no regions to compile; "
+                             "only the native decoder has them")
         self.model = wrap(self.objective, ctx) if ctx else self.objective
         self.optimizer = make_optimizer(cop, cfg)
         self.loader = SequenceLoader(corpus.train, cfg.batch_size * self.world, seed=cfg.seed)
