@@ -34,6 +34,15 @@ def autocast_dtype(device: torch.device, precision: str = "auto") -> torch.dtype
     return None if precision == "fp32" else torch.bfloat16
 
 
+def slow_bf16_note(device: torch.device, dtype: torch.dtype | None) -> str | None:
+    """Why bf16 compute will be slower than fp32 here (a CPU without bf16 instructions, whose bf16
+    GEMMs oneDNN emulates), or None. bench/results/train_precision_cpu.json has the measurement."""
+    if dtype != torch.bfloat16 or device.type != "cpu" or torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return None
+    return (f"this CPU has no bf16 instructions (torch CPU capability {torch.backends.cpu.get_cpu_capability()}): "
+            "bf16 GEMMs are emulated and slower than fp32")
+
+
 def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager[Any]:
     """``torch.autocast(device.type, dtype)``, or a no-op context when ``dtype`` is None."""
     return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()

@@ -26,7 +26,7 @@ from cacheaug_engine.augment.coprocessor import Coprocessor, CoprocessorConfig
 from cacheaug_engine.augment.objective import CacheAugmentationObjective
 from cacheaug_engine.data.corpus import Corpus, SequenceLoader, load_corpus
 from cacheaug_engine.data.text import load_tok
-from cacheaug_engine.device import autocast, autocast_dtype, pick_device
+from cacheaug_engine.device import autocast, autocast_dtype, pick_device, slow_bf16_note
 from cacheaug_engine.eval.evaluator import run_controls, summary
 from cacheaug_engine.eval.tables import format_controls
 from cacheaug_engine.models.compiled import check_compilable, compile_regions
@@ -197,6 +197,8 @@ class Trainer:
         self.step_count = 0
         self.last_saved: tuple[int, Path] | None = None
         self.amp = autocast_dtype(self.device, cfg.precision)
+        if (slow := slow_bf16_note(self.device, self.amp)) is not None:
+            self.log(f"note: --precision {cfg.precision}: {slow}")
         self.params = [p for p in cop.parameters() if p.requires_grad]
         if resumed is not None:
             if ctx is not None:

@@ -215,3 +215,16 @@ def test_bf16_precisions_train_with_fp32_master_weights(tmp_path, corpus, precis
 def test_precision_is_checked_before_anything_loads(tmp_path):
     with pytest.raises(ValueError, match="precision"):
         _cfg(tmp_path, precision="fp8").validate()
+
+
+def test_bf16_on_a_cpu_without_bf16_instructions_is_said(tmp_path, corpus):
+    from cacheaug_engine.device import slow_bf16_note
+    from cacheaug_engine.train.trainer import Trainer
+
+    cpu = torch.device("cpu")
+    emulated = not torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    assert (slow_bf16_note(cpu, torch.bfloat16) is not None) == emulated
+    assert slow_bf16_note(cpu, None) is None and slow_bf16_note(torch.device("cuda"), torch.bfloat16) is None
+    said: list[str] = []
+    Trainer(_cfg(tmp_path, precision="bf16"), decoder=tiny_decoder("llama"), corpus=corpus, log=said.append)
+    assert any("no bf16 instructions" in s for s in said) == emulated
