@@ -123,10 +123,16 @@ def report(a: argparse.Namespace) -> None:
 
     root = a.root / a.task
     rows, first = [], None
+    prior = json.loads(a.prior.read_text()) if a.prior else {"rows": [], "commands": []}
     for nl in a.nl:
         f = root / f"nl{nl}-eval" / "task_eval.json"
         if not f.exists():
-            print(f"missing {f}: N_L {nl} left out", file=sys.stderr)
+            # a row measured earlier by the same commands (its report's JSON), when these run dirs are gone
+            old = [r for r in prior["rows"] if r["num_latents"] == nl and r["label"] == f"N_L {nl}"]
+            if old:
+                rows.append({**old[0], "source": str(a.prior)})
+            else:
+                print(f"missing {f}: N_L {nl} left out", file=sys.stderr)
             continue
         res = json.loads(f.read_text())
         first = first or res
@@ -138,21 +144,27 @@ def report(a: argparse.Namespace) -> None:
     if not rows or first is None:
         raise SystemExit("no evaluated N_L")
     steps = first["train_config"]["steps"]
+    if any(r["steps"] != steps for r in rows if r.get("source")):
+        raise SystemExit(f"--prior: its rows were trained for another number of steps than {steps}")
+    here = (root / "commands.txt").read_text().splitlines()
     meta = {"task": a.task, "digits": first["digits"], "shots": first["shots"], "problems": first["problems"],
-            "steps": steps, "recipe": RECIPE, "commands": (root / "commands.txt").read_text().splitlines()}
+            "steps": steps, "recipe": RECIPE, "commands": [c for c in prior["commands"] if c not in here] + here}
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.with_suffix(".json").write_text(json.dumps({**meta, "rows": rows}, indent=1))
     head = ("| run | decoder | pause | coprocessor | shuffled | mean | vs pause | vs shuffled | vs mean | vs decoder "
-            "| exact: cop / pause / shuffled / decoder |")
+            "| exact: cop / pause / shuffled / decoder | exact diff vs pause | exact diff vs shuffled |")
     lines = [f"{a.task}, {first['digits']} digits, {first['shots']} shots, {first['problems']} held-out problems; "
              f"{steps} training steps per run. Answer perplexity; change of the coprocessor's answer perplexity "
-             "[95% paired bootstrap]; exact match (greedy).", "", head, "|" + "---|" * 11]
+             "[95% paired bootstrap]; exact match (greedy) and the coprocessor's paired exact-match difference, "
+             "points [95%].", "", head, "|" + "---|" * 13]
     for r in rows:
         p, c, e = r["answer_ppl"], r["ppl_change_pct"], r["exact_match"]
         cells = [f"{p.get(m, float('nan')):.3f}" for m in ("decoder", "pause", "coprocessor", "shuffled", "mean")]
         ch = [f"{c[m][0]:+.1f}% [{c[m][1]:+.1f}, {c[m][2]:+.1f}]" for m in ("pause", "shuffled", "mean", "decoder")]
         ex = " / ".join(f"{100 * e[m][0]:.1f}%" for m in ("coprocessor", "pause", "shuffled", "decoder"))
-        lines.append(f"| {r['label']} | " + " | ".join(cells + ch) + f" | {ex} |")
+        ed = [f"{100 * r['exact_diff'][m][0]:+.1f} [{100 * r['exact_diff'][m][1]:+.1f}, "
+              f"{100 * r['exact_diff'][m][2]:+.1f}]" for m in ("pause", "shuffled")]
+        lines.append(f"| {r['label']} | " + " | ".join(cells + ch) + f" | {ex} | " + " | ".join(ed) + " |")
     a.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4))
@@ -204,6 +216,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=Path("docs/nl-sweep"))
     p.add_argument("--extra", nargs="*", default=[], metavar="LABEL=DIR",
                    help="report: task-eval outputs of another budget (e.g. a shipped pair), shown apart")
+    p.add_argument("--prior", type=Path, default=None, metavar="JSON",
+                   help="report: an earlier report's JSON; its N_L rows fill in N_L whose run dirs are gone")
     a = p.parse_args(argv)
     run(a) if a.action == "run" else report(a)
     return 0
