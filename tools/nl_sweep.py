@@ -8,7 +8,9 @@ budget (steps, data, schedule, seed), then held-out problems scored against the 
 a finished run is skipped), then runs ``cacheaug task-eval`` for each N_L. ``report`` writes
 OUT.json (every figure), OUT.md (the table) and OUT.png (the coprocessor's answer-perplexity change
 against pause, shuffled and mean, with 95% intervals, against N_L; exact match beside it).
-Every command it runs is printed and recorded in ROOT/TASK/commands.txt.
+Every command it runs is printed and recorded in ROOT/TASK/commands.txt. ``report --prior OLD.json``
+takes the rows of N_L whose run dirs are gone (another machine, a cleaned tree) from an earlier
+report made by the same commands, marked with their source, and keeps its commands.
 """
 
 from __future__ import annotations
