@@ -15,8 +15,11 @@ ALLOWED_OWNERS = {"self", "cls"}
 # torch._dynamo: mark_static_address (generation/generate.py) has no public alias yet; HF StaticCache uses it too.
 # Tensor._version: the in-place version counter (what autograd checks saved tensors with), used by
 # ops/frozen_linear.py to notice a weight changed in place; torch.ops.mkldnn._reorder_linear_weight /
-# _linear_pointwise: oneDNN's packed linear, the ops inductor's CPU freezing calls (no public alias).
-ALLOWED_NAMES = {"_C", "_dynamo", "_version", "_reorder_linear_weight", "_linear_pointwise"}
+# _linear_pointwise: oneDNN's packed linear, the ops inductor's CPU freezing calls (no public alias);
+# torch.ops.mkldnn._is_mkldnn_bf16_supported: whether oneDNN runs bf16 natively here (device.py's
+# slow-bf16 note; torch.backends.cpu.get_cpu_capability does not tell AVX512 from AVX512-BF16).
+ALLOWED_NAMES = {"_C", "_dynamo", "_version", "_reorder_linear_weight", "_linear_pointwise",
+                 "_is_mkldnn_bf16_supported"}
 
 
 def private_reaches(source: str) -> list[tuple[int, str]]:
