@@ -10,7 +10,7 @@ OUT.json (every figure), OUT.md (the table) and OUT.png (the coprocessor's answe
 against pause, shuffled and mean, with 95% intervals, against N_L; exact match beside it).
 Every command it runs is printed and recorded in ROOT/TASK/commands.txt. ``report --prior OLD.json``
 takes the rows of N_L whose run dirs are gone (another machine, a cleaned tree) from an earlier
-report made by the same commands, marked with their source, and keeps its commands.
+report made by the same commands, and its ``--extra`` rows, marked with their source, and keeps its commands.
 """
 
 from __future__ import annotations
@@ -139,6 +139,9 @@ def report(a: argparse.Namespace) -> None:
         res = json.loads(f.read_text())
         first = first or res
         rows.append(_row(nl, res, root))
+    # the earlier report's rows of another budget (its --extra runs), unless given again
+    rows += [{**r, "source": str(a.prior)} for r in prior["rows"] if not r["label"].startswith("N_L ")
+             and not any(r["label"].startswith(spec.partition("=")[0]) for spec in a.extra)]
     for spec in a.extra:  # LABEL=DIR: a task_eval.json of another budget, shown apart
         label, _, d = spec.partition("=")
         res = json.loads((Path(d) / "task_eval.json").read_text())
@@ -146,7 +149,7 @@ def report(a: argparse.Namespace) -> None:
     if not rows or first is None:
         raise SystemExit("no evaluated N_L")
     steps = first["train_config"]["steps"]
-    if any(r["steps"] != steps for r in rows if r.get("source")):
+    if any(r["steps"] != steps for r in rows if r.get("source") and r["label"].startswith("N_L ")):
         raise SystemExit(f"--prior: its rows were trained for another number of steps than {steps}")
     here = (root / "commands.txt").read_text().splitlines()
     meta = {"task": a.task, "digits": first["digits"], "shots": first["shots"], "problems": first["problems"],

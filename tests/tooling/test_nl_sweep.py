@@ -47,12 +47,14 @@ def test_report_rows_figures_and_prior(tmp_path):
     (root / "commands.txt").write_text("t1  train nl2\n")
     prior_row = tool._row(1, _task_eval(1, 10, 0.0), None, "N_L 1")
     prior = tmp_path / "old.json"
-    prior.write_text(json.dumps({"rows": [prior_row], "commands": ["t0  train nl1"]}))
+    extra_row = tool._row(4, _task_eval(4, 200, 0.0), None, "shipped N_L 4 (200 steps)")
+    prior.write_text(json.dumps({"rows": [prior_row, extra_row], "commands": ["t0  train nl1"]}))
     out = tmp_path / "rep"
     tool.main(["report", "--task", "addition", "--nl", "1", "2", "4", "--root", str(tmp_path / "runs"),
                "--out", str(out), "--prior", str(prior)])
     rep = json.loads(out.with_suffix(".json").read_text())
-    assert [r["num_latents"] for r in rep["rows"]] == [1, 2]  # N_L 4: neither a run dir nor a prior row
+    # N_L 4: neither a run dir nor a prior row; the prior's row of another budget comes along
+    assert [r["label"] for r in rep["rows"]] == ["N_L 1", "N_L 2", "shipped N_L 4 (200 steps)"]
     assert rep["rows"][0]["source"] == str(prior) and "source" not in rep["rows"][1]
     assert rep["commands"] == ["t0  train nl1", "t1  train nl2"]
     assert rep["rows"][1]["train_loss_last10"]["cop"] == pytest.approx(1.45)
