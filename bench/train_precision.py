@@ -41,6 +41,7 @@ def run(steps: int, warmup: int, out: Path | None, threads: int | None, modes: l
     from tqdm import tqdm
 
     from cacheaug_engine.data.tasks import write_task
+    from cacheaug_engine.device import slow_bf16_note
     from cacheaug_engine.train.config import TrainConfig
     from cacheaug_engine.train.trainer import Trainer
 
@@ -74,7 +75,7 @@ def run(steps: int, warmup: int, out: Path | None, threads: int | None, modes: l
         "bench": "train_precision", "device": device_name(torch.device("cpu")), "threads": torch.get_num_threads(),
         "torch": torch.__version__, "steps": steps, "warmup": warmup, "recipe": base, "modes": {},
         "commit": git_commit(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "onednn_bf16": bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()),
+        "onednn_bf16": slow_bf16_note(torch.device("cpu"), torch.bfloat16) is None,
     }
     ref_last = statistics.fmean(loss["fp32"][-20:])
     for m in names:
