@@ -80,6 +80,9 @@ class CacheAugmentationObjective(nn.Module):
             mean over points of relu(margin + CE(real latents) - CE(latents of another row's
             cache)), which a constant latent cannot lower.
         contrast_margin: that margin in nats.
+        first_weight: loss weight of each point's first target (position 1) relative to the
+            others (1); the loss is then the weighted mean of the CEs. Position 1 is where every
+            latent method pays most against the decoder alone (issue 24, item 5).
     """
 
     def __init__(
@@ -93,10 +96,13 @@ class CacheAugmentationObjective(nn.Module):
         grad_checkpoint: bool = False,
         contrast: float = 0.0,
         contrast_margin: float = 0.0,
+        first_weight: float = 1.0,
     ) -> None:
         super().__init__()
         if ahead < 1:
             raise ValueError(f"ahead must be >= 1, got {ahead}")
+        if not first_weight > 0:
+            raise ValueError(f"first_weight must be > 0, got {first_weight}")
         self.decoder: DecoderLike = decoder
         self.coprocessor = coprocessor
         self.ahead = ahead
@@ -105,6 +111,7 @@ class CacheAugmentationObjective(nn.Module):
         self.grad_checkpoint = grad_checkpoint
         self.contrast = contrast
         self.contrast_margin = contrast_margin
+        self.first_weight = float(first_weight)
         self.generator = torch.Generator().manual_seed(0)
 
     def layout(self, positions: Tensor) -> BlockLayout:
@@ -136,12 +143,20 @@ class CacheAugmentationObjective(nn.Module):
         cache, ce_base = self.prefill(input_ids, lay, baseline=baseline)
         latents = self._run(self.coprocessor, cache, lay)  # [B, N, N_L, d]
         ce = self.score(input_ids, cache, lay, latents)
-        loss = ce.mean()
+        loss = self.weighted_mean(ce)
         if self.contrast > 0 and self.training and torch.is_grad_enabled() and b > 1:
             ce_other = self.score(input_ids, cache, lay, latents.roll(1, dims=0))
             gap = ce.mean(-1) - ce_other.mean(-1)  # [B, N]: real minus another row's latents
             loss = loss + self.contrast * F.relu(gap + self.contrast_margin).mean()
         return ObjectiveOutput(loss=loss, ce_aug=ce.detach(), ce_base=ce_base, positions=positions)
+
+    def weighted_mean(self, ce: Tensor) -> Tensor:
+        """The loss over per-target CE [B, N, N_A]: the mean, with position 1 weighted by ``first_weight``."""
+        if self.first_weight == 1.0:
+            return ce.mean()
+        w = torch.ones(ce.shape[-1], dtype=ce.dtype, device=ce.device)
+        w[0] = self.first_weight
+        return (ce * w).sum() / (w.sum() * ce[..., 0].numel())
 
     def prefill(self, input_ids: Tensor, lay: BlockLayout, *, baseline: bool = True) -> tuple[Any, Tensor]:
         """The decoder's frozen cache of ``input_ids`` [B, T] and its own CE [B, N, N_A] (fp32) on

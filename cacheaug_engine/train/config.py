@@ -74,6 +74,7 @@ class TrainConfig:
     center: bool = setting(False, "latents = trained constant + the coprocessor's deviation from its mean latent")
     contrast: float = setting(0.0, "weight of a hinge term: CE with real latents below CE with shuffled ones")
     contrast_margin: float = setting(0.0, "margin (nats) of the contrast hinge")
+    first_weight: float = setting(1.0, "loss weight of each point's first target (others 1; a weighted mean)")
     init_from: str | None = setting(
         None, "start from this coprocessor checkpoint (its coprocessor config wins)", metavar="CKPT"
     )

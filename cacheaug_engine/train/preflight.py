@@ -65,7 +65,7 @@ def check_train_config(cfg: Any) -> None:
     _at_least(cfg, "stop_after", 0, optional=True)  # 0: build/resume the coprocessor, take no step
     for name in ("threads", "max_chars"):
         _at_least(cfg, name, 1, optional=True)
-    for name in ("lr", "soft_lr_mult"):
+    for name in ("lr", "soft_lr_mult", "first_weight"):
         _positive(cfg, name)
     if cfg.lr * cfg.soft_lr_mult > MAX_LR or cfg.lr > MAX_LR:  # AdamW's fp32 step size overflows near 1e38
         raise ValueError(

@@ -183,6 +183,7 @@ class Trainer:
         self.objective = CacheAugmentationObjective(
             self.decoder, cop, ahead=cfg.ahead, num_positions=cfg.positions, grad_checkpoint=cfg.grad_checkpoint,
             min_prefix=cfg.min_prefix, contrast=cfg.contrast, contrast_margin=cfg.contrast_margin,
+            first_weight=cfg.first_weight,
         )
         self.objective.generator.manual_seed(cfg.seed + 1)
         if cfg.compile and compile_regions(self.objective) == 0:

@@ -131,3 +131,25 @@ def test_contrast_loss_matches_its_formula(dec):
     obj.eval()  # eval mode with grad enabled: off too (the term is training-only)
     plain = obj(ids, POS)
     torch.testing.assert_close(plain.loss.detach().double(), own.mean().detach(), **TOL)
+
+
+def test_first_weight_loss_is_the_weighted_mean_of_the_loop(dec):
+    """--first-weight w: loss = sum_{b,k,i} w_i CE / sum w_i over all targets, w_1 = w and w_i = 1 after,
+    from the plain loop's per-point CEs; the gradient too. The per-target CEs are unchanged."""
+    cop = _copro(dec, "early")
+    ids = _ids(4)
+    soft, log_scale = _leaves(cop)
+    ce = _per_point(dec, ids, lambda b, k, p: copro_latents(dec, soft, log_scale, ids[b], p, "early"), "early")
+    w = torch.tensor([5.0, 1.0, 1.0], dtype=ce.dtype)
+    want = (ce * w).sum() / (w.sum() * ce.shape[0] * ce.shape[1])
+    assert abs(float(want) - float(ce.mean())) > 1e-4  # the weight changes the loss on these targets
+    want.backward()
+    out = CacheAugmentationObjective(dec, cop, ahead=NA, first_weight=5.0)(ids, POS)
+    out.loss.backward()
+    torch.testing.assert_close(out.loss.detach().double(), want.detach(), **TOL)
+    torch.testing.assert_close(out.ce_aug.double(), ce.detach(), **TOL)
+    _grad_close(cop.log_scale.grad, log_scale.grad)
+    _grad_close(cop.soft_tokens.grad, soft.grad)
+    for bad in (0.0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="first_weight"):
+            CacheAugmentationObjective(dec, cop, ahead=NA, first_weight=bad)

@@ -54,6 +54,8 @@ TRAIN_CASES = [
     (["--weight-decay", "-0.1"], ["weight_decay (--weight-decay)", ">= 0"]),
     (["--soft-lr-mult", "0"], ["soft_lr_mult (--soft-lr-mult)", "> 0"]),
     (["--soft-lr-mult", "nan"], ["soft_lr_mult (--soft-lr-mult)", "finite"]),
+    (["--first-weight", "0"], ["first_weight (--first-weight)", "> 0"]),
+    (["--first-weight", "inf"], ["first_weight (--first-weight)", "finite"]),
     (["--stop-after", "-1"], ["stop_after (--stop-after)", ">= 0"]),
     (["--steps", "0"], ["steps (--steps)", ">= 1"]),
     (["--min-lr-ratio", "2"], ["min_lr_ratio", "[0, 1]"]),
