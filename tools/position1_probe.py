@@ -25,7 +25,6 @@ Writes OUT.json (every figure and the per-sequence CEs), OUT.md (the tables) and
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import sys
@@ -64,9 +63,12 @@ def tokens_only_ce(decoder: Any, ids: Tensor, cache: Any, lay: Any, gap: int) ->
 
 
 def no_shift(lay: Any) -> Any:
-    """``lay`` with every decoder row moved N_L positions back: the token rows sit at their own positions
-    (as in the decoder alone) and the latents at the N_L positions before the first of them."""
-    return dataclasses.replace(lay, dec_pos=lay.dec_pos - lay.num_latents)
+    """``lay`` with ``shift_tokens=False``: the token rows sit at their own positions (as in the decoder
+    alone) and the latents at the N_L positions before the first of them (``cacheaug train
+    --no-shift-tokens`` trains for this layout)."""
+    from cacheaug_engine.augment.layout import block_layout
+
+    return block_layout(lay.positions, lay.num_latents, lay.ahead, lay.placement, shift_tokens=False)
 
 
 @torch.no_grad()
@@ -78,8 +80,9 @@ def probe(objective: Any, sequences: Tensor, *, pause: Any = None, batch_size: i
 
     cop, dec, na = objective.coprocessor, objective.decoder, objective.ahead
     nl = cop.num_latents
-    if cop.placement != "early":
-        raise ValueError(f"the probe's gap and placement variants need an 'early' coprocessor, got {cop.placement!r}")
+    if cop.placement != "early" or not cop.shift_tokens:
+        raise ValueError("the probe's gap, placement and no-shift variants need an 'early' coprocessor trained with "
+                         f"shifted positions, got placement {cop.placement!r}, shift_tokens {cop.shift_tokens}")
     objective.eval()
     rows: dict[str, list[Tensor]] = {}
     dev = next(iter(cop.parameters())).device

@@ -31,12 +31,13 @@ class ConstantLatents(nn.Module):
     coprocessor, so it drops into ``CacheAugmentationObjective`` and the evaluation.
     """
 
-    def __init__(self, table: Tensor, placement: str) -> None:
+    def __init__(self, table: Tensor, placement: str, shift_tokens: bool = True) -> None:
         super().__init__()
         if table.dim() != 2:
             raise ValueError(f"table must be [N_L, d], got shape {tuple(table.shape)}")
         self.register_buffer("table", table.detach().float().clone())
         self.placement = placement
+        self.shift_tokens = shift_tokens
 
     @property
     def num_latents(self) -> int:

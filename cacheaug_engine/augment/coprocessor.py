@@ -41,6 +41,9 @@ class CoprocessorConfig:
         lora_rank: None for a full trainable copy, else the LoRA rank.
         lora_alpha: LoRA alpha (default = rank, i.e. scaling 1).
         placement: "paper" or "early" (see augment.layout); latents are trained for one.
+        shift_tokens: True (the paper): the tokens after the latents move N_L positions on; False:
+            they keep their own positions and the latents take the N_L before them (augment.layout).
+            Generation and serving support only True so far and refuse False (``require_shifted``).
         scale_mode: "none" (latents = hidden states), "fixed" or "learned" (one log-scale
             per latent slot) multiplier.
         scale_init: initial multiplier; None = token-embedding RMS / hidden-state RMS, so
@@ -63,6 +66,7 @@ class CoprocessorConfig:
     lora_rank: int | None = 32
     lora_alpha: float | None = None
     placement: str = "paper"
+    shift_tokens: bool = True
     scale_mode: str = "learned"
     scale_init: float | None = None
     soft_init: str = "stats"
@@ -260,6 +264,11 @@ class Coprocessor(nn.Module):
         return self.config.placement
 
     @property
+    def shift_tokens(self) -> bool:
+        """Whether the tokens after the latents move N_L positions on (the paper) or keep their own."""
+        return self.config.shift_tokens
+
+    @property
     def is_pause(self) -> bool:
         """True for the Pause Token control (constant latents, no coprocessor pass)."""
         return self.config.latents == "pause"
@@ -330,5 +339,17 @@ class Coprocessor(nn.Module):
 
     def latents_at(self, cache: KVCache, positions: Tensor, ahead: int = 1) -> Tensor:
         """Latents [B, N, N_L, d] for augmentation points ``positions`` [B, N] (inference helper)."""
-        layout = block_layout(positions, self.num_latents, ahead, self.placement)
+        layout = block_layout(positions, self.num_latents, ahead, self.placement, self.shift_tokens)
         return self.forward(cache, layout)
+
+
+def require_shifted(module: Any, where: str) -> None:
+    """Refuse a latents module trained with ``shift_tokens=False`` in ``where``: that path places the
+    tokens after the latents N_L positions on (the paper's position ids), which such latents were not
+    trained for (a ValueError saying so, before any work)."""
+    if module is not None and not getattr(module, "shift_tokens", True):
+        raise ValueError(
+            f"{where}: this coprocessor was trained with --no-shift-tokens (the tokens after its latents keep "
+            "their own positions); this path supports only the paper's shifted positions so far. Evaluate it "
+            "with `cacheaug eval` / CacheAugmentationObjective, or train with --shift-tokens"
+        )

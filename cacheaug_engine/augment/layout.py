@@ -13,6 +13,13 @@ Two placements:
   at p_k-1 .. p_k+N_L-2; the decoder block is [Z_k ; x[p_k-1 : p_k+N_A-1]]
   (S = N_L + N_A), so the token right before the first target is an ordinary token row.
 
+Position ids (``shift_tokens``): by default (the paper) the token rows after the latents move N_L
+positions on, so a RoPE gap of N_L opens between them and the prefix. With ``shift_tokens=False``
+every token row keeps its own position (as in the decoder alone) and the latents take the N_L
+positions before the block's first token row (clamped at 0), which the prefix's last tokens also
+have: only relative positions matter to RoPE, and no gap opens (tools/position1_probe.py measures
+what the gap costs at position 1).
+
 Both use the same targets, so their numbers compare directly with each other and with the
 decoder's own prediction (the prefill logit at row target - 1).
 """
@@ -115,7 +122,7 @@ class BlockLayout:
         dec_pos: [B, N*S] position ids of the augmented decoder rows (S = block_len).
         token_idx: [B, N, S - N_L] indices into x of the token rows of each decoder block.
         target_idx: [B, N, N_A] indices into x of the targets (last N_A rows of each block).
-        num_latents, ahead, placement: the settings it was built with.
+        num_latents, ahead, placement, shift_tokens: the settings it was built with.
     """
 
     positions: Tensor
@@ -127,6 +134,7 @@ class BlockLayout:
     num_latents: int
     ahead: int
     placement: str
+    shift_tokens: bool = True
 
     @property
     def block_len(self) -> int:
@@ -139,7 +147,9 @@ class BlockLayout:
         return self.target_idx - 1
 
 
-def block_layout(positions: Tensor, num_latents: int, ahead: int, placement: str = "paper") -> BlockLayout:
+def block_layout(
+    positions: Tensor, num_latents: int, ahead: int, placement: str = "paper", shift_tokens: bool = True
+) -> BlockLayout:
     """Build the :class:`BlockLayout` for points ``positions`` [B, N] (see module docstring)."""
     if placement not in PLACEMENTS:
         raise ValueError(f"placement must be one of {PLACEMENTS}, got {placement!r}")
@@ -153,7 +163,8 @@ def block_layout(positions: Tensor, num_latents: int, ahead: int, placement: str
     n_tok = ahead - 1 + shift
     block = num_latents + n_tok
     copro_pos = (start.unsqueeze(-1) + torch.arange(num_latents, device=dev)).reshape(b, n * num_latents)
-    dec_pos = (start.unsqueeze(-1) + torch.arange(block, device=dev)).reshape(b, n * block)
+    rows = torch.arange(block, device=dev) - (0 if shift_tokens else num_latents)
+    dec_pos = (start.unsqueeze(-1) + rows).clamp_min(0).reshape(b, n * block)
     token_idx = start.unsqueeze(-1) + torch.arange(n_tok, device=dev)
     target_idx = positions.unsqueeze(-1) + torch.arange(ahead, device=dev)
     return BlockLayout(
@@ -166,4 +177,5 @@ def block_layout(positions: Tensor, num_latents: int, ahead: int, placement: str
         num_latents=num_latents,
         ahead=ahead,
         placement=placement,
+        shift_tokens=shift_tokens,
     )

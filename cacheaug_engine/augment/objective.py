@@ -116,7 +116,8 @@ class CacheAugmentationObjective(nn.Module):
 
     def layout(self, positions: Tensor) -> BlockLayout:
         """The block layout for points ``positions`` [B, N] under this objective's settings."""
-        return block_layout(positions, self.coprocessor.num_latents, self.ahead, self.coprocessor.placement)
+        cop = self.coprocessor
+        return block_layout(positions, cop.num_latents, self.ahead, cop.placement, getattr(cop, "shift_tokens", True))
 
     def sample(self, batch: int, seq_len: int) -> Tensor:
         """Draw ``num_positions`` random points per sequence from this objective's generator."""

@@ -73,7 +73,7 @@ def mean_latent(
     coprocessor.eval()  # e.g. a centred coprocessor must not update its running mean here
     for ids, pos in point_batches(sequences, ahead=ahead, stride=stride or ahead, batch_size=batch_size, min_rows=1,
                                   device=dev):
-        lay = block_layout(pos, coprocessor.num_latents, ahead, coprocessor.placement)
+        lay = block_layout(pos, coprocessor.num_latents, ahead, coprocessor.placement, coprocessor.shift_tokens)
         ctx = torch.autocast(dev.type, dtype=autocast_dtype) if autocast_dtype else nullcontext()
         with ctx:
             cache = decoder.prefill(ids, logits_at=ids.new_zeros(ids.shape[0], 0))[1]
@@ -145,7 +145,7 @@ def evaluate_controls(
                 ces["shuffled"] = objective.score(ids, cache, lay, shuffled_latents(z))
             for name, src in extra.items():
                 if src is not None:
-                    lay_c = block_layout(pos, src.num_latents, na, src.placement)
+                    lay_c = block_layout(pos, src.num_latents, na, src.placement, src.shift_tokens)
                     ces[name] = objective.score(ids, cache, lay_c, src(cache, lay_c))
         for name, ce in ces.items():
             rows[name].append(ce.double().mean(1).cpu())  # [b, N_A]: per-sequence mean over its points
@@ -186,7 +186,7 @@ def run_controls(
             cop, objective.decoder, train_sample, ahead=objective.ahead, batch_size=batch_size,
             autocast_dtype=autocast_dtype,
         )
-        mean_table = ConstantLatents(table, cop.placement)
+        mean_table = ConstantLatents(table, cop.placement, cop.shift_tokens)
     res = evaluate_controls(
         objective,
         heldout,

@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 from cacheaug_engine.augment.controls import shuffled_latents
+from cacheaug_engine.augment.coprocessor import require_shifted
 from cacheaug_engine.generation.sampling import pick_tokens
 from cacheaug_engine.models import DecoderLike, KVCache
 
@@ -87,6 +88,7 @@ class AugmentedLM:
             need = "no latents module" if method == "none" else "a coprocessor (or, for pause, a pause table)"
             raise ValueError(f"method {method!r} needs {need}")
         if latents is not None:
+            require_shifted(latents, f"AugmentedLM (method {method!r})")
             pause = bool(getattr(latents, "is_pause", False))
             if method == "pause" and not pause:
                 raise ValueError("method 'pause' needs a pause-table checkpoint (trained with --latents pause)")

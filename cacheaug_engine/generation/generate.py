@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from cacheaug_engine.augment.coprocessor import Coprocessor
+from cacheaug_engine.augment.coprocessor import Coprocessor, require_shifted
 from cacheaug_engine.generation.latents import AugmentHandle
 from cacheaug_engine.generation.sampling import decode_tokens
 from cacheaug_engine.models import DecoderLike, KVCache
@@ -125,6 +125,7 @@ def generate(
     Rows that need more positions (prompt + latents + new tokens) than the model was trained for
     (``max_position_embeddings``) still run, with one ``PositionRangeWarning`` per call.
     """
+    require_shifted(coprocessor, "generate")
     rows = _as_rows(prompts)
     b = len(rows)
     for name, value in (("max_new_tokens", max_new_tokens), ("num_samples", num_samples)):

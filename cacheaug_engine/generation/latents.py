@@ -24,7 +24,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
-from cacheaug_engine.augment.coprocessor import Coprocessor
+from cacheaug_engine.augment.coprocessor import Coprocessor, require_shifted
 from cacheaug_engine.fileio import atomic_write
 from cacheaug_engine.models import DecoderLike, KVCache
 
@@ -97,6 +97,7 @@ def augment(
     """
     if prompt_ids.dim() != 2 or prompt_ids.shape[0] != 1 or prompt_ids.shape[1] < 1:
         raise ValueError(f"prompt_ids must be [1, P] with P >= 1, got {tuple(prompt_ids.shape)}")
+    require_shifted(coprocessor, "augment")
     p = prompt_ids.shape[1]
     start = p - 1 if coprocessor.placement == "early" else p
     cap = capacity if capacity is not None else start + coprocessor.num_latents + 64

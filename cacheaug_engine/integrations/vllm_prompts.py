@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from cacheaug_engine.augment.coprocessor import Coprocessor
+from cacheaug_engine.augment.coprocessor import Coprocessor, require_shifted
 from cacheaug_engine.checks import check_int
 from cacheaug_engine.models import DecoderLike, KVCache
 
@@ -98,6 +98,7 @@ class PromptAugmenter:
                  max_batch: int = 32) -> None:
         check_int(cache_size, "cache_size", 0)
         check_int(max_batch, "max_batch", 1)
+        require_shifted(coprocessor, "vLLM prompt embeddings")  # vLLM numbers every row's position itself
         self.decoder = decoder
         self.coprocessor = coprocessor.eval()
         self.cache_size = cache_size

@@ -61,6 +61,10 @@ class TrainConfig:
     positions: int = setting(8, "augmentation points per sequence per step")
     min_prefix: int = setting(8, "smallest augmentation point (context tokens before the latents)")
     placement: str = setting("paper", "latents after the prefix, or one token earlier", choices=("paper", "early"))
+    shift_tokens: bool | None = setting(
+        None, "tokens after the latents move N_L positions on (the paper; default) or keep their own "
+        "(--no-shift-tokens); default: as the --init-from checkpoint, else shifted",
+    )
     lora_rank: int = setting(32, "LoRA rank (0 = full fine-tune of a copy)")
     lora_alpha: float | None = setting(None, "LoRA alpha (default = rank)")
     scale_mode: str = setting("learned", "latent output scale", choices=("none", "fixed", "learned"))
@@ -117,6 +121,7 @@ class TrainConfig:
             lora_rank=self.lora_rank or None,
             lora_alpha=self.lora_alpha,
             placement=self.placement,
+            shift_tokens=True if self.shift_tokens is None else self.shift_tokens,
             scale_mode=self.scale_mode,
             scale_init=self.scale_init,
             soft_init=self.soft_init,

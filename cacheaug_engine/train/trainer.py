@@ -90,6 +90,10 @@ def build_coprocessor(
         ck = load_checkpoint(cfg.init_from, with_optimizer=False)
         cop = coprocessor_from_checkpoint(decoder, ck, seed=cfg.seed, tokenizer=tokenizer)
         log(f"initialised the coprocessor from {ck.path} (step {ck.state.get('step')})")
+        if cfg.shift_tokens is not None and cfg.shift_tokens != cop.shift_tokens:
+            # position ids are not in the tensors' meaning: a fine-tune may move to the other layout
+            cop.config = replace(cop.config, shift_tokens=cfg.shift_tokens)
+            log(f"shift_tokens: {not cfg.shift_tokens} in {ck.path}, {cfg.shift_tokens} from here on")
         return cop, ck
     return Coprocessor(decoder, config=CoprocessorConfig(**cfg.coprocessor_kwargs()), seed=cfg.seed), None
 

@@ -228,3 +228,16 @@ def test_bf16_on_a_cpu_without_bf16_instructions_is_said(tmp_path, corpus):
     said: list[str] = []
     Trainer(_cfg(tmp_path, precision="bf16"), decoder=tiny_decoder("llama"), corpus=corpus, log=said.append)
     assert any("no bf16 instructions" in s for s in said) == emulated
+
+
+def test_init_from_may_switch_shift_tokens_and_records_it(tmp_path, corpus):
+    """--no-shift-tokens with --init-from fine-tunes a shifted checkpoint for unshifted positions (the
+    tensors keep their meaning); unset, the checkpoint's setting is kept; either way it is saved."""
+    _run(_cfg(tmp_path, steps=1), corpus)
+    src = str(tmp_path / "run" / "checkpoint")
+    moved = _run(_cfg(tmp_path / "b", steps=1, init_from=src, shift_tokens=False), corpus)
+    assert moved.coprocessor.shift_tokens is False
+    saved = load_checkpoint(tmp_path / "b" / "run" / "checkpoint")
+    assert saved.coprocessor_config["shift_tokens"] is False
+    kept = _run(_cfg(tmp_path / "c", steps=1, init_from=str(tmp_path / "b" / "run" / "checkpoint")), corpus)
+    assert kept.coprocessor.shift_tokens is False
