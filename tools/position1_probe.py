@@ -181,25 +181,25 @@ def plot(res: dict[str, Any], png: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(15, 4.8), gridspec_kw={"width_ratios": [1.2, 1], "wspace": 0.75})
     dec = next(r for r in res["variants"] if r["variant"] == "decoder")["ppl_per_position"]
-    for r in res["variants"]:
-        if r["variant"].startswith("gap 0") or r["variant"] == "decoder":
-            continue
+    shown = [r for r in res["variants"] if not (r["variant"].startswith("gap 0") or r["variant"] == "decoder")]
+    for j, r in enumerate(shown):
         ch = [100 * (p / d - 1) for p, d in zip(r["ppl_per_position"], dec, strict=True)]
-        a1.plot(range(1, len(ch) + 1), ch, marker="o", ms=3, label=r["variant"])
+        a1.plot(range(1, len(ch) + 1), ch, marker="os^v"[j % 4], ms=3, color=plt.cm.tab20(j / max(len(shown), 1)),
+                lw=2.2 if r["variant"] in ("coprocessor", "pause") else 1.2, label=r["variant"])
     a1.axhline(0, color="k", lw=0.8)
+    a1.set_yscale("symlog", linthresh=20)  # the large position-1 costs and the few-% gains on one axis
     a1.set(xlabel="position after the augmentation point", ylabel="perplexity vs decoder alone (%)",
            title="held-out: interventions on the trained latents")
-    a1.legend(fontsize=7)
+    a1.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     for kind, hist in res["history"].items():
         a2.plot(range(len(hist)), [h["change_pct"] for h in hist], marker="o", label=kind)
         a2.set_xticks(range(len(hist)), [h["steps"] for h in hist], rotation=45, fontsize=7)
     a2.axhline(0, color="k", lw=0.8)
     a2.set(xlabel="training steps", ylabel="position-1 perplexity vs decoder (%)", title="training batches")
     a2.legend()
-    fig.tight_layout()
-    fig.savefig(png, dpi=110)
+    fig.savefig(png, dpi=110, bbox_inches="tight")
 
 
 def main(argv: list[str] | None = None) -> int:
