@@ -75,7 +75,7 @@ def no_shift(lay: Any) -> Any:
 def probe(objective: Any, sequences: Tensor, *, pause: Any = None, batch_size: int = 4,
           scales: tuple[float, ...] = SCALES, progress: Any = None) -> dict[str, Any]:
     """Per-sequence mean CE per position {variant: [n][N_A]} of every intervention on ``sequences``."""
-    from cacheaug_engine.augment.layout import block_layout
+    from cacheaug_engine.augment.layout import block_layout, layout_for
     from cacheaug_engine.eval.evaluator import point_batches
 
     cop, dec, na = objective.coprocessor, objective.decoder, objective.ahead
@@ -105,7 +105,7 @@ def probe(objective: Any, sequences: Tensor, *, pause: Any = None, batch_size: i
             ces["no shift (tokens keep their positions)"] = objective.score(ids, cache, no_shift(lay), z)
         ces["paper placement (same latents)"] = objective.score(ids, cache, block_layout(pos, nl, na, "paper"), z)
         if pause is not None:
-            lay_p = block_layout(pos, pause.num_latents, na, pause.placement)
+            lay_p = layout_for(pause, pos, na)
             ces["pause"] = objective.score(ids, cache, lay_p, pause(cache, lay_p))
         for name, ce in ces.items():
             rows.setdefault(name, []).append(ce.double().mean(1).cpu())

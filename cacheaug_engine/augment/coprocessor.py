@@ -22,7 +22,7 @@ from cacheaug_engine.checks import check_field_types
 
 from ..models.cache import KVCache
 from ..models.protocol import DecoderLike
-from .layout import PLACEMENTS, BlockLayout, block_layout
+from .layout import PLACEMENTS, BlockLayout, layout_for
 from .lora import DEFAULT_TARGETS, LoRALinear, add_lora, shared_clone
 
 SCALE_MODES = ("none", "fixed", "learned")
@@ -339,8 +339,7 @@ class Coprocessor(nn.Module):
 
     def latents_at(self, cache: KVCache, positions: Tensor, ahead: int = 1) -> Tensor:
         """Latents [B, N, N_L, d] for augmentation points ``positions`` [B, N] (inference helper)."""
-        layout = block_layout(positions, self.num_latents, ahead, self.placement, self.shift_tokens)
-        return self.forward(cache, layout)
+        return self.forward(cache, layout_for(self, positions, ahead))
 
 
 def require_shifted(module: Any, where: str) -> None:

@@ -27,6 +27,7 @@ decoder's own prediction (the prefill logit at row target - 1).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -179,3 +180,10 @@ def block_layout(
         placement=placement,
         shift_tokens=shift_tokens,
     )
+
+
+def layout_for(latents: Any, positions: Tensor, ahead: int) -> BlockLayout:
+    """The layout a latents module was trained for at points ``positions`` [B, N]: anything with
+    ``num_latents``, ``placement`` and ``shift_tokens`` (a Coprocessor, a pause table, ConstantLatents).
+    Every caller builds a module's layout here, so a layout setting reaches them all."""
+    return block_layout(positions, latents.num_latents, ahead, latents.placement, latents.shift_tokens)

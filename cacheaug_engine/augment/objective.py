@@ -31,7 +31,7 @@ from torch.utils.checkpoint import checkpoint
 from ..models.cache import KVCache
 from ..models.protocol import DecoderLike
 from .coprocessor import Coprocessor
-from .layout import BlockLayout, block_layout, check_positions, sample_positions
+from .layout import BlockLayout, check_positions, layout_for, sample_positions
 
 
 @dataclass
@@ -116,8 +116,7 @@ class CacheAugmentationObjective(nn.Module):
 
     def layout(self, positions: Tensor) -> BlockLayout:
         """The block layout for points ``positions`` [B, N] under this objective's settings."""
-        cop = self.coprocessor
-        return block_layout(positions, cop.num_latents, self.ahead, cop.placement, getattr(cop, "shift_tokens", True))
+        return layout_for(self.coprocessor, positions, self.ahead)
 
     def sample(self, batch: int, seq_len: int) -> Tensor:
         """Draw ``num_positions`` random points per sequence from this objective's generator."""

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from cacheaug_engine.augment.controls import ConstantLatents, LatentStats, shuffled_latents
-from cacheaug_engine.augment.layout import block_layout, stride_positions
+from cacheaug_engine.augment.layout import layout_for, stride_positions
 from cacheaug_engine.augment.objective import CacheAugmentationObjective
 from cacheaug_engine.eval.tables import METHODS, controls_table
 
@@ -73,7 +73,7 @@ def mean_latent(
     coprocessor.eval()  # e.g. a centred coprocessor must not update its running mean here
     for ids, pos in point_batches(sequences, ahead=ahead, stride=stride or ahead, batch_size=batch_size, min_rows=1,
                                   device=dev):
-        lay = block_layout(pos, coprocessor.num_latents, ahead, coprocessor.placement, coprocessor.shift_tokens)
+        lay = layout_for(coprocessor, pos, ahead)
         ctx = torch.autocast(dev.type, dtype=autocast_dtype) if autocast_dtype else nullcontext()
         with ctx:
             cache = decoder.prefill(ids, logits_at=ids.new_zeros(ids.shape[0], 0))[1]
@@ -145,7 +145,7 @@ def evaluate_controls(
                 ces["shuffled"] = objective.score(ids, cache, lay, shuffled_latents(z))
             for name, src in extra.items():
                 if src is not None:
-                    lay_c = block_layout(pos, src.num_latents, na, src.placement, src.shift_tokens)
+                    lay_c = layout_for(src, pos, na)
                     ces[name] = objective.score(ids, cache, lay_c, src(cache, lay_c))
         for name, ce in ces.items():
             rows[name].append(ce.double().mean(1).cpu())  # [b, N_A]: per-sequence mean over its points
